@@ -13,12 +13,15 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from orchestrator import __version__
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError, RollbackError
 from orchestrator.logging import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from orchestrator.app import ServiceInfo
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -49,8 +52,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    migrate = sub.add_parser("migrate", help="create or upgrade the store schema")
-    _add_config_arg(migrate)
+    for name, text in (
+        ("serve", "run intake and worker in one process"),
+        ("api", "run the intake/results API only"),
+        ("worker", "run the worker only (scale out on PostgreSQL)"),
+        ("migrate", "create or upgrade the store schema"),
+    ):
+        _add_config_arg(sub.add_parser(name, help=text, description=text))
 
     sim = sub.add_parser("simulate", help="run the SAE simulator")
     sim.add_argument("--host", default="127.0.0.1")
@@ -84,10 +92,54 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-async def _cmd_migrate(args: argparse.Namespace) -> int:
-    from orchestrator.store import open_store
+def _print_next_steps(info: ServiceInfo) -> None:
+    """Tell a newcomer what to do next (stdout, so it stays readable beside JSON logs)."""
+    lines = [f"sae-rollback is running (store: {info.store_engine})."]
+    if info.api_url:
+        lines.append(f"  API:       {info.api_url}  (GET {info.api_url}/metrics, /openapi.json)")
+    if info.simulator_url:
+        token = info.demo_token or "$TOKEN"
+        server = f"--server {info.api_url} --token {token}"
+        lines += [
+            f"  Simulator: {info.simulator_url}  (built in; 'demo-app' has a running change order)",
+            "Next, in another terminal:",
+            f"  .venv/bin/sae-rollback submit --app-id demo-app --reason 'bad deploy' {server}",
+            f"  .venv/bin/sae-rollback status JOB_ID {server}",
+        ]
+    lines.append("Stop with Ctrl-C (running rollbacks are drained first).")
+    print("\n".join(lines), flush=True)
+
+
+async def _run(args: argparse.Namespace, stop: asyncio.Event, *, intake: bool, worker: bool) -> int:
+    from orchestrator.app import run_service
 
     settings = _settings(args)
+    await run_service(
+        settings,
+        intake=intake,
+        worker=worker,
+        stop=stop,
+        on_ready=_print_next_steps if intake else None,
+    )
+    return EXIT_OK
+
+
+async def _cmd_serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    return await _run(args, stop, intake=True, worker=True)
+
+
+async def _cmd_api(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    return await _run(args, stop, intake=True, worker=False)
+
+
+async def _cmd_worker(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    return await _run(args, stop, intake=False, worker=True)
+
+
+async def _cmd_migrate(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    settings = _settings(args)
+    from orchestrator.store import open_store
+
     store = open_store(settings.store.url)
     try:
         applied = await store.migrate()
@@ -100,7 +152,7 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _cmd_simulate(args: argparse.Namespace) -> int:
+async def _cmd_simulate(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from orchestrator.simulator import (
         DEFAULT_ACCESS_KEY_ID,
         DEFAULT_ACCESS_KEY_SECRET,
@@ -115,33 +167,56 @@ async def _cmd_simulate(args: argparse.Namespace) -> int:
         args.access_key_id or DEFAULT_ACCESS_KEY_ID: args.access_key_secret
         or DEFAULT_ACCESS_KEY_SECRET
     }
-    await serve_forever(
-        args.host,
-        args.port,
-        credentials=credentials,
-        seed=args.seed,
-        calls_per_minute=args.calls_per_minute,
-        demo=not args.no_demo,
+    server = asyncio.ensure_future(
+        serve_forever(
+            args.host,
+            args.port,
+            credentials=credentials,
+            seed=args.seed,
+            calls_per_minute=args.calls_per_minute,
+            demo=not args.no_demo,
+        )
     )
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({server, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    server.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server  # re-raises the server's own failure (e.g. port in use)
     return EXIT_OK
 
 
-_COMMANDS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+Command = Callable[[argparse.Namespace, asyncio.Event], Awaitable[int]]
+
+_COMMANDS: dict[str, Command] = {
+    "serve": _cmd_serve,
+    "api": _cmd_api,
+    "worker": _cmd_worker,
     "migrate": _cmd_migrate,
     "simulate": _cmd_simulate,
 }
 
 
-async def _run_until_signalled(coro: Awaitable[int]) -> int:
-    """Run ``coro``; SIGTERM/SIGINT cancel it, which each command treats as a clean stop."""
-    task = asyncio.ensure_future(coro)
+async def _run_until_signalled(command: Command, args: argparse.Namespace) -> int:
+    """Run ``command``; the first SIGTERM/SIGINT asks it to stop gracefully, a second one
+    cancels it outright (an operator pressing Ctrl-C twice wants out now)."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(command(args, stop))
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            task.cancel()
+        else:
+            log.info("shutdown_requested")
+            stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, on_signal)
     try:
         return await task
     except asyncio.CancelledError:
-        return EXIT_OK
+        return EXIT_FAILURE
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
@@ -155,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(json=None if fmt == "auto" else fmt == "json", level=args.log_level)
     command = _COMMANDS[args.command]
     try:
-        return asyncio.run(_run_until_signalled(command(args)))
+        return asyncio.run(_run_until_signalled(command, args))
     except ConfigError as exc:
         print(f"sae-rollback: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,56 @@
+"""Log redaction: secrets never reach either renderer."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+
+from orchestrator.logging import REDACTED, configure_logging, get_logger, register_secrets
+
+CANARY = "CANARY-s3cr3t-7f3a9b"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> None:
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.mark.parametrize("json", [True, False])
+def test_secrets_are_redacted_in_both_renderers(json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Secret keys, Authorization values, bearer tokens and registered values never print."""
+    configure_logging(json=json, level="debug")
+    register_secrets([CANARY])
+    log = get_logger("test")
+    log.info("with_secret_key", access_key_secret=CANARY, token=CANARY)
+    log.info(
+        "with_headers",
+        headers={
+            "Authorization": f"ACS3-HMAC-SHA256 Credential=LTAI5x,SignedHeaders=host,Signature={'ab' * 32}",
+            "x-acs-security-token": CANARY,
+        },
+    )
+    log.info("with_text", detail=f"sent Authorization: Bearer {CANARY} to the API")
+    log.info("with_registered_value", note=f"the value {CANARY} leaked into a message")
+    try:
+        raise ValueError(f"password={CANARY}")
+    except ValueError:
+        log.exception("with_exception")
+    structlog.contextvars.bind_contextvars(hmac_secret=CANARY)
+    log.info("with_context")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert CANARY not in text
+    assert "ab" * 32 not in text
+    assert text.count(REDACTED) >= 7
+    assert "with_exception" in text
+
+
+def test_non_secret_fields_are_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    """Ordinary data (ids, codes) passes through the redaction untouched."""
+    configure_logging(json=True)
+    get_logger().info("sae_call", request_id="91F9-ABC", code="Application.ChangerOrderRunning")
+    err = capsys.readouterr().err
+    assert '"request_id": "91F9-ABC"' in err
+    assert '"code": "Application.ChangerOrderRunning"' in err
