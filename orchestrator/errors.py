@@ -10,13 +10,14 @@
     │   ├── JobNotFound                no job with that id
     │   ├── LeaseLost                  the caller's lease/fencing token is no longer current
     │   └── InvalidTransition          the job is not in a state that allows the change
-    └── SaeError                       an SAE call did not succeed (see orchestrator.sae.errors)
-        ├── SaeBusy                    the app is busy with another change: retry later
-        ├── SaeThrottled               flow control: retry later, honour retry_after
-        ├── SaeServerError             5xx, InternalError, ServiceUnavailable: reconcile
-        ├── SaeTransportError          no (parsable) answer: connect error, timeout, reset, garbage
-        ├── SaeNotRunning              Application.ChangerOrder.Not.Running: reconcile with state
-        └── SaePermanentError          will never succeed as sent: not found, permission, signature
+    └── SaeError                       an SAE call did not succeed (orchestrator.sae.errors)
+        └── SaeCallError               carries the call's outcome (ids, status, code)
+            ├── SaeBusy                the app is busy with another change: retry later
+            ├── SaeThrottled           flow control: retry later, honour retry_after_s
+            ├── SaeServerError         5xx, InternalError, ServiceUnavailable: reconcile
+            ├── SaeTransportError      no usable answer: connect error, timeout, reset, garbage
+            ├── SaeNotRunning          Application.ChangerOrder.Not.Running: reconcile
+            └── SaePermanentError      will never succeed as sent: not found, permission, signature
 
 Library exceptions (aiohttp, sqlite3, asyncpg) never escape a component: they are
 re-raised as one of these with ``raise ... from exc`` so the cause stays visible.
