@@ -156,8 +156,6 @@ async def _run_parts(
     on_ready: Callable[[ServiceInfo], None] | None,
     simulator_url: str | None,
 ) -> None:
-    runner: web.AppRunner | None = None
-    api_url: str | None = None
     if intake:
         from orchestrator.intake import build_intake_app
 
@@ -168,24 +166,30 @@ async def _run_parts(
             max_body_bytes=settings.server.max_body_bytes,
             default_region=settings.sae.region,
         )
-        runner = web.AppRunner(
-            web_app,
-            shutdown_timeout=settings.server.shutdown_grace_s,
-            access_log=None,
-            handle_signals=False,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, settings.server.host, settings.server.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(
-                exc.errno,
-                f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}",
-            ) from exc
-        api_url = f"http://{settings.server.host}:{settings.server.port}"
-        log.info("api_listening", url=api_url)
+    else:
+        # A worker-only process still answers scrapes and probes on [server] host:port.
+        from orchestrator.ops import build_ops_app
+
+        web_app = build_ops_app(store, metrics)
+    runner = web.AppRunner(
+        web_app,
+        shutdown_timeout=settings.server.shutdown_grace_s,
+        access_log=None,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}",
+        ) from exc
+    url = f"http://{settings.server.host}:{settings.server.port}"
+    log.info("http_listening", url=url, api=intake)
+    api_url = url if intake else None
     try:
         demo_token = None
         if simulator_url is not None:
@@ -204,20 +208,18 @@ async def _run_parts(
         # Intake and worker stop side by side: the API stops accepting at once while the
         # worker drains. A worker that dies (a side task failed) cancels the intake too.
         async with asyncio.TaskGroup() as tasks:
-            if runner is not None:
-                tasks.create_task(_stop_intake_when(stop, runner))
+            tasks.create_task(_stop_http_when(stop, runner))
             if worker:
                 tasks.create_task(_run_worker(settings, store, client, metrics, stop))
             else:
                 tasks.create_task(stop.wait())
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        await runner.cleanup()
 
 
-async def _stop_intake_when(stop: asyncio.Event, runner: web.AppRunner) -> None:
+async def _stop_http_when(stop: asyncio.Event, runner: web.AppRunner) -> None:
     await stop.wait()
-    log.info("api_stopping")
+    log.info("http_stopping")
     await runner.cleanup()
 
 

@@ -43,6 +43,8 @@ INTAKE_OUTCOMES: Final = (
     "overloaded",
 )
 RETRY_REASONS: Final = ("busy", "throttled", "server", "transport")
+FINAL_STATUSES: Final = ("succeeded", "failed", "cancelled", "skipped")
+JOB_STATUSES: Final = ("queued", "running", "waiting", "verifying", *FINAL_STATUSES)
 
 
 class Metrics:
@@ -103,3 +105,12 @@ class Metrics:
             buckets=JOB_DURATION_BUCKETS,
             registry=r,
         )
+        # Counters are born at 0, not at their first event: `increase()` over a series
+        # that appears at 1 misses that first failure, and alerts would stay silent.
+        for status in FINAL_STATUSES:
+            self.jobs_finished.labels(status)
+            self.job_duration.labels(status)
+        for reason in RETRY_REASONS:
+            self.retries.labels(reason)
+        for status in JOB_STATUSES:
+            self.jobs.labels(status)
