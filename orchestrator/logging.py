@@ -144,6 +144,13 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
-    """A bound logger; ``name`` becomes the ``logger`` key."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger()
-    return logger.bind(logger=name) if name else logger
+    """A lazy bound logger; ``name`` becomes the ``component`` key.
+
+    Lazy matters: module-level loggers are created at import time, before the CLI calls
+    :func:`configure_logging`; a proxy picks up the configuration (and so the redaction
+    processor) on first use instead of freezing the defaults.
+    """
+    logger: structlog.typing.FilteringBoundLogger = (
+        structlog.get_logger(component=name) if name else structlog.get_logger()
+    )
+    return logger

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import structlog
 
@@ -11,14 +13,16 @@ CANARY = "CANARY-s3cr3t-7f3a9b"
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> None:
+def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
 
 
 @pytest.mark.parametrize("json", [True, False])
-def test_secrets_are_redacted_in_both_renderers(json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+def test_secrets_are_redacted_in_both_renderers(
+    json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Secret keys, Authorization values, bearer tokens and registered values never print."""
     configure_logging(json=json, level="debug")
     register_secrets([CANARY])
@@ -27,7 +31,9 @@ def test_secrets_are_redacted_in_both_renderers(json: bool, capsys: pytest.Captu
     log.info(
         "with_headers",
         headers={
-            "Authorization": f"ACS3-HMAC-SHA256 Credential=LTAI5x,SignedHeaders=host,Signature={'ab' * 32}",
+            "Authorization": (
+                f"ACS3-HMAC-SHA256 Credential=LTAI5x,SignedHeaders=host,Signature={'ab' * 32}"
+            ),
             "x-acs-security-token": CANARY,
         },
     )
@@ -54,3 +60,15 @@ def test_non_secret_fields_are_kept(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert '"request_id": "91F9-ABC"' in err
     assert '"code": "Application.ChangerOrderRunning"' in err
+
+
+def test_loggers_created_before_configuration_are_redacted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A module-level logger made at import time still goes through the redaction processor."""
+    early = get_logger("early")
+    configure_logging(json=True)
+    early.info("early_event", access_key_secret=CANARY)
+    err = capsys.readouterr().err
+    assert "early_event" in err
+    assert CANARY not in err
