@@ -108,7 +108,11 @@ async def run_service(
         raise ValueError("run_service needs intake, worker or both")
     register_secrets(_source_secrets(settings))
     metrics = Metrics()
-    store = open_store(settings.store.url)
+    tuning = {}
+    if not settings.store.url.startswith("sqlite"):
+        # Every job in flight may hold a connection for a write; intake needs a few more.
+        tuning["max_size"] = settings.worker.concurrency + 8
+    store = open_store(settings.store.url, **tuning)
     # SQLite is the zero-set-up default: create or upgrade its schema on start. PostgreSQL
     # is shared by several processes, so its schema changes only through `migrate`.
     await store.open(migrate=store.engine == "sqlite")
@@ -207,12 +211,16 @@ async def _run_parts(
             on_ready(info)
         # Intake and worker stop side by side: the API stops accepting at once while the
         # worker drains. A worker that dies (a side task failed) cancels the intake too.
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_stop_http_when(stop, runner))
-            if worker:
-                tasks.create_task(_run_worker(settings, store, client, metrics, stop))
-            else:
-                tasks.create_task(stop.wait())
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_stop_http_when(stop, runner))
+                if worker:
+                    tasks.create_task(_run_worker(settings, store, client, metrics, stop))
+                else:
+                    tasks.create_task(stop.wait())
+        except ExceptionGroup as group:
+            # Callers (the CLI) handle our own error types; a TaskGroup wraps them.
+            raise group.exceptions[0] from group
     finally:
         await runner.cleanup()
 
