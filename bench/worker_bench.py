@@ -248,8 +248,22 @@ def _cpu_seconds(pid: int) -> float:
 # --------------------------------------------------------------------------- 1. throughput
 
 
+async def _loop_lag(samples: list[float], period_s: float = 0.01) -> None:
+    """How late a 10 ms sleep wakes up, repeatedly: the event loop's scheduling lag."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(period_s)
+        samples.append((loop.time() - started - period_s) * 1000)
+
+
 async def bench_throughput(
-    engine: str, pg_dsn: str, jobs: int, latency_ms: float, concurrency: int
+    engine: str,
+    pg_dsn: str,
+    jobs: int,
+    latency_ms: float,
+    concurrency: int,
+    max_jobs: int | None = None,
 ) -> dict[str, Any]:
     """2,000 queued jobs through the worker against a 50 ms simulator in another process."""
     async with simulator_process() as (base, sim_pid), aiohttp.ClientSession() as http:
@@ -283,6 +297,7 @@ async def bench_throughput(
                 ids.append((await store.enqueue(new)).job.id)
             config = worker_config(
                 concurrency=concurrency,
+                max_jobs=max_jobs,
                 calls_per_minute=0,
                 verify_enabled=False,
                 gauge_interval_s=1.0,
@@ -292,9 +307,16 @@ async def bench_throughput(
                 worker = Worker(store, client, Metrics(CollectorRegistry()), config)
                 cpu0 = time.process_time()
                 sim_cpu0 = _cpu_seconds(sim_pid)
+                lag_ms: list[float] = []
                 async with running(worker):
-                    with timed() as wall:
-                        await wait_all_terminal(store, jobs, timeout_s=600)
+                    probe = asyncio.create_task(_loop_lag(lag_ms))
+                    try:
+                        with timed() as wall:
+                            await wait_all_terminal(store, jobs, timeout_s=600)
+                    finally:
+                        probe.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await probe
                 cpu = time.process_time() - cpu0
                 sim_cpu = _cpu_seconds(sim_pid) - sim_cpu0
             firsts: list[datetime] = []
@@ -321,6 +343,7 @@ async def bench_throughput(
         bound_calls = concurrency / (latency_ms / 1000.0)
         return {
             "engine": engine,
+            "max_jobs": config.job_limit,
             "jobs": jobs,
             "statuses": statuses,
             "calls": calls,
@@ -335,6 +358,10 @@ async def bench_throughput(
             "worker_cpu_share": round(cpu / wall.wall_s, 2),
             "simulator_cpu_share": round(sim_cpu / wall.wall_s, 2),
             "call_ms_mean": round(statistics.fmean(call_ms), 1),
+            # Little's law: the mean number of calls on the wire (the slots in use).
+            "calls_in_flight_mean": round(sum(call_ms) / 1000 / span_s, 1),
+            "loop_lag_ms_median": round(percentile(lag_ms, 50), 2) if lag_ms else None,
+            "loop_lag_ms_p99": round(percentile(lag_ms, 99), 2) if lag_ms else None,
             "non_call_ms_per_job_mean": round(statistics.fmean(other_ms), 1),
         }
 
@@ -496,7 +523,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["throughput"] = []
         for engine in engines:
             row = await bench_throughput(
-                engine, args.pg_dsn, args.jobs, args.latency_ms, args.concurrency
+                engine, args.pg_dsn, args.jobs, args.latency_ms, args.concurrency, args.max_jobs
             )
             results["throughput"].append(row)
             _progress(f"throughput/{engine}: {row['jobs_per_s']} jobs/s")
@@ -527,6 +554,8 @@ def report(results: dict[str, Any]) -> str:
                 f"{r['worker_cpu_share']:.2f}",
                 f"{r['simulator_cpu_share']:.2f}",
                 f"{r['call_ms_mean']:.1f}",
+                f"{r['calls_in_flight_mean']:.1f}",
+                f"{r['loop_lag_ms_median'] or 0:.1f} / {r['loop_lag_ms_p99'] or 0:.1f}",
                 f"{r['non_call_ms_per_job_mean']:.1f}",
             )
             for r in results["throughput"]
@@ -549,6 +578,8 @@ def report(results: dict[str, Any]) -> str:
                     "cpu worker",
                     "cpu sim",
                     "call ms",
+                    "calls in flight",
+                    "loop lag ms p50/p99",
                     "other ms/job",
                 ],
                 rows,
@@ -602,7 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="sqlite,postgres")
     p.add_argument("--jobs", type=int, default=2000)
     p.add_argument("--latency-ms", type=float, default=50.0)
-    p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--concurrency", type=int, default=50, help="SAE calls in flight")
+    p.add_argument(
+        "--max-jobs", type=int, default=None, help="jobs in flight (default 2 x concurrency)"
+    )
     p.add_argument("--reaction-samples", type=int, default=100)
     p.add_argument("--busy-trials", type=int, default=40)
     p.add_argument("--busy-jobs", type=int, default=10)

@@ -1,3 +1,3 @@
-"""sae-rollback: turns alerts into durable, verified rollbacks of Alibaba Cloud SAE change orders."""
+"""sae-rollback: turns alerts into durable, verified rollbacks of SAE change orders."""
 
 __version__ = "0.1.0"

@@ -110,8 +110,9 @@ async def run_service(
     metrics = Metrics()
     tuning = {}
     if not settings.store.url.startswith("sqlite"):
-        # Every job in flight may hold a connection for a write; intake needs a few more.
-        tuning["max_size"] = settings.worker.concurrency + 8
+        # A worker leases up to 2 x concurrency jobs and each may hold a connection for a
+        # write (heartbeat, claim, retry schedule); intake needs a few more.
+        tuning["max_size"] = 2 * settings.worker.concurrency + 8
     store = open_store(settings.store.url, **tuning)
     # SQLite is the zero-set-up default: create or upgrade its schema on start. PostgreSQL
     # is shared by several processes, so its schema changes only through `migrate`.

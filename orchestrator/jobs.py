@@ -12,13 +12,17 @@ Lifecycle (see design.md, "Job states")::
                            └─ release / rescue ─► queued (nothing called yet) or waiting
     queued / waiting ──cancel──► cancelled
 
-Two counters live on a job and must not be confused:
+Three counters live on a job and must not be confused:
 
 * ``attempt_count`` — how many times the job was *claimed*. It is incremented at claim
-  time, before any side effect, so a job that kills its worker every time still runs out
-  of attempts (``rescue_expired(max_attempts)`` fails it).
+  time, before any side effect. It also grows with every ordinary retry (one claim per
+  busy probe), so it says nothing about whether runs were cut short.
+* ``interrupted_count`` — how many times lease rescue took the job back from a worker
+  that died or hung (its lease expired). ``rescue_expired(max_interrupts)`` fails the job
+  when it reaches the limit, so a job that kills its worker every time still ends.
 * ``call_count`` — how many SAE calls were recorded (rows in ``attempts``); the contract's
-  ``attempts[].number`` is this sequence.
+  ``attempts[].number`` is this sequence. ``first_attempt_at`` is the start of the first
+  of them (the retry budget's elapsed time is measured from it).
 """
 
 from __future__ import annotations
@@ -272,6 +276,10 @@ class Job:
     lease_owner: str | None
     lease_token: str | None
     lease_expires_at: datetime | None
+    #: Runs cut short by an expired lease (rescued); see the module docstring.
+    interrupted_count: int = 0
+    #: When the first SAE call of the job started (``None`` until one is recorded).
+    first_attempt_at: datetime | None = None
     attempts: tuple[Attempt, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:

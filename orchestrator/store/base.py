@@ -208,8 +208,14 @@ class Store(Protocol):
         """Give the job back, due now (graceful drain); end the lease."""
         ...
 
-    async def rescue_expired(self, max_attempts: int) -> int:
-        """Take back jobs whose lease expired; fail those with ``max_attempts`` claims."""
+    async def rescue_expired(self, max_interrupts: int) -> int:
+        """Take back jobs whose lease expired; return how many.
+
+        Each take-back increments the job's ``interrupted_count`` and marks it for
+        reconcile; the one that brings the count to ``max_interrupts`` fails the job
+        (``error_code`` ``interrupted_too_often``) instead of requeueing it. Claims made
+        for ordinary retries (``attempt_count``) do not count.
+        """
         ...
 
     async def take_call_tokens(

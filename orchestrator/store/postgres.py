@@ -142,6 +142,8 @@ def _job(row: asyncpg.Record, attempts: tuple[Attempt, ...] = ()) -> Job:
         lease_owner=row["lease_owner"],
         lease_token=row["lease_token"],
         lease_expires_at=row["lease_expires_at"],
+        interrupted_count=row["interrupted_count"],
+        first_attempt_at=row["first_attempt_at"],
         attempts=attempts,
     )
 
@@ -705,11 +707,11 @@ class PostgresStore:
             raise await self._fence_error(job_id)
         return _job(row)
 
-    async def rescue_expired(self, max_attempts: int) -> int:
-        """Requeue (or fail, after ``max_attempts`` claims) jobs whose lease expired."""
-        check_limit(max_attempts, 1_000_000, "max_attempts")
+    async def rescue_expired(self, max_interrupts: int) -> int:
+        """Requeue jobs whose lease expired; fail those interrupted ``max_interrupts`` times."""
+        check_limit(max_interrupts, 1_000_000, "max_interrupts")
         with _errors():
-            row = await self._p().fetchrow(q.RESCUE_EXPIRED, max_attempts)
+            row = await self._p().fetchrow(q.RESCUE_EXPIRED, max_interrupts)
         return int(row["rescued"]) if row is not None else 0
 
     async def take_call_tokens(

@@ -34,7 +34,8 @@ def _rfc3339(column: str) -> str:
 JOB_COLUMNS: Final = (
     "seq, id, change_order_id, app_id, region, status, source, reason, requested_by, dry_run,"
     " created_at, updated_at, finished_at, next_attempt_at, error_code, error_message,"
-    " attempt_count, call_count, needs_reconcile, lease_owner, lease_token, lease_expires_at"
+    " attempt_count, call_count, needs_reconcile, lease_owner, lease_token, lease_expires_at,"
+    " interrupted_count, first_attempt_at"
 )
 ATTEMPT_COLUMNS: Final = (
     "job_id, number, run, action, started_at, duration_ms, http_status, code, message,"
@@ -220,7 +221,8 @@ WITH input AS (
         AS i(id, token, action, started_at, duration_ms, http_status, code, message,
              request_id, trace_id, outcome)
 ), j AS (
-    UPDATE jobs SET call_count = jobs.call_count + 1, updated_at = now()
+    UPDATE jobs SET call_count = jobs.call_count + 1, updated_at = now(),
+           first_attempt_at = coalesce(jobs.first_attempt_at, i.started_at)
     FROM input AS i
     WHERE jobs.id = i.id AND jobs.lease_token = i.token AND jobs.status IN {ACTIVE_SQL}
     RETURNING jobs.id, jobs.call_count, jobs.attempt_count, i.action, i.started_at,
@@ -305,6 +307,7 @@ WITH input AS (
     UPDATE jobs AS j SET status = i.status, error_code = i.error_code,
            error_message = i.error_message, updated_at = now(), next_attempt_at = NULL,
            call_count = j.call_count + CASE WHEN i.has_attempt THEN 1 ELSE 0 END,
+           first_attempt_at = coalesce(j.first_attempt_at, i.started_at),
            finished_at = CASE WHEN i.status IN {TERMINAL_SQL} THEN now() END,
            lease_token = CASE WHEN i.status IN {TERMINAL_SQL} THEN NULL ELSE j.lease_token END,
            lease_expires_at = CASE WHEN i.status IN {TERMINAL_SQL} THEN NULL
@@ -344,6 +347,7 @@ WITH upd AS (
            next_attempt_at = coalesce($3::timestamptz, now() + make_interval(secs => $4)),
            error_code = $5, error_message = $6, needs_reconcile = $7,
            call_count = call_count + CASE WHEN $8 THEN 1 ELSE 0 END,
+           first_attempt_at = coalesce(first_attempt_at, $10::timestamptz),
            lease_token = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND status IN {ACTIVE_SQL}
     RETURNING {JOB_COLUMNS}
@@ -378,34 +382,41 @@ WITH upd AS (
 )
 SELECT upd.*, (SELECT count(*) FROM notified) AS notified FROM upd"""
 
-# $1 max_attempts. A rescued job may have reached SAE without recording it: needs_reconcile.
+# $1 max_interrupts. A rescued job may have reached SAE without recording it:
+# needs_reconcile. Each rescue is one interrupted run; the one that reaches the limit fails
+# the job (a job that takes its worker down every time must end; ordinary retries, which
+# also bump attempt_count, do not count).
 RESCUE_EXPIRED: Final = f"""
 WITH expired AS (
-    SELECT id, status AS old_status FROM jobs
+    SELECT id, status AS old_status, lease_owner AS old_owner FROM jobs
     WHERE status IN {ACTIVE_SQL} AND lease_expires_at < now()
     FOR UPDATE SKIP LOCKED
 ), upd AS (
     UPDATE jobs AS j SET
-        status = CASE WHEN j.attempt_count >= $1 THEN 'failed'
+        interrupted_count = j.interrupted_count + 1,
+        status = CASE WHEN j.interrupted_count + 1 >= $1 THEN 'failed'
                       WHEN j.call_count > 0 THEN 'waiting' ELSE 'queued' END,
-        finished_at = CASE WHEN j.attempt_count >= $1 THEN now() END,
-        next_attempt_at = CASE WHEN j.attempt_count >= $1 THEN NULL ELSE now() END,
-        error_code = CASE WHEN j.attempt_count >= $1 THEN 'attempts_exhausted'
+        finished_at = CASE WHEN j.interrupted_count + 1 >= $1 THEN now() END,
+        next_attempt_at = CASE WHEN j.interrupted_count + 1 >= $1 THEN NULL ELSE now() END,
+        error_code = CASE WHEN j.interrupted_count + 1 >= $1 THEN 'interrupted_too_often'
                           ELSE 'lease_expired' END,
-        error_message = CASE WHEN j.attempt_count >= $1
-                             THEN 'attempts exhausted after ' || j.attempt_count
+        error_message = CASE WHEN j.interrupted_count + 1 >= $1
+                             THEN 'gave up after ' || (j.interrupted_count + 1)
                                   || ' interrupted runs'
+                                  || ' (each time the lease of the worker expired: it died or hung)'
                              ELSE 'the lease of ' || coalesce(j.lease_owner, '?') || ' expired'
                         END,
         needs_reconcile = true, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
     FROM expired WHERE j.id = expired.id
-    RETURNING j.id, j.status, j.attempt_count, j.lease_owner, j.error_message, expired.old_status
+    RETURNING j.id, j.status, j.interrupted_count, j.error_code, j.error_message,
+              j.attempt_count, expired.old_owner, expired.old_status
 ), audited AS (
     INSERT INTO audit_events (job_id, at, event, actor, detail)
-    SELECT id, now(), 'rescued', lease_owner,
+    SELECT id, now(), 'rescued', old_owner,
            jsonb_build_object('from', old_status, 'status', status,
-                              'attempt_count', attempt_count, 'owner', lease_owner,
-                              'error_message', error_message)
+                              'interrupted_count', interrupted_count,
+                              'error_code', error_code, 'error_message', error_message,
+                              'attempt_count', attempt_count, 'owner', old_owner)
     FROM upd
 ), notified AS (
     SELECT pg_notify({CHANNEL_SQL}, '') FROM (SELECT 1 FROM upd LIMIT 1) AS any_rescued

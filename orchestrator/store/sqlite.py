@@ -131,6 +131,8 @@ def _job(row: Row, attempts: tuple[Attempt, ...] = ()) -> Job:
         lease_owner=row[19],
         lease_token=row[20],
         lease_expires_at=_to_dt(row[21]),
+        interrupted_count=row[22],
+        first_attempt_at=_to_dt(row[23]),
         attempts=attempts,
     )
 
@@ -815,24 +817,26 @@ class SqliteStore:
 
         return await self._write(op, wakes=True)
 
-    async def rescue_expired(self, max_attempts: int) -> int:
-        """Requeue (or fail, after ``max_attempts`` claims) jobs whose lease expired."""
-        check_limit(max_attempts, 1_000_000, "max_attempts")
+    async def rescue_expired(self, max_interrupts: int) -> int:
+        """Requeue jobs whose lease expired; fail those interrupted ``max_interrupts`` times."""
+        check_limit(max_interrupts, 1_000_000, "max_interrupts")
 
         def op(conn: sqlite3.Connection) -> int:
             now = _now_us()
             expired = conn.execute(q.EXPIRED_LEASES, {"now": now}).fetchall()
-            for job_id, status, attempts, owner in expired:
-                rows = conn.execute(
-                    q.RESCUE_ONE, {"id": job_id, "now": now, "max_attempts": max_attempts}
-                ).fetchall()
-                new_status = rows[0][1]
+            for job_id, status, owner in expired:
+                row = conn.execute(
+                    q.RESCUE_ONE, {"id": job_id, "now": now, "max_interrupts": max_interrupts}
+                ).fetchone()
+                # same keys as PostgreSQL's RESCUE_EXPIRED audit detail
                 detail = {
                     "from": status,
-                    "status": new_status,
-                    "attempt_count": attempts,
+                    "status": row[1],
+                    "interrupted_count": row[2],
+                    "error_code": row[3],
+                    "error_message": row[4],
+                    "attempt_count": row[5],
                     "owner": owner,
-                    "error_message": rows[0][3],
                 }
                 _audit(conn, job_id, AuditKind.RESCUED, owner, detail, now)
             return len(expired)
@@ -1016,7 +1020,9 @@ def _audit_dedupe(conn: sqlite3.Connection, new: NewJob, job_id: str, now: int) 
 def _record_attempt(
     conn: sqlite3.Connection, job_id: str, token: str, attempt: AttemptIn, started_us: int
 ) -> int:
-    rows = conn.execute(q.COUNT_CALL, {"id": job_id, "token": token, "now": _now_us()}).fetchall()
+    rows = conn.execute(
+        q.COUNT_CALL, {"id": job_id, "token": token, "now": _now_us(), "started_at": started_us}
+    ).fetchall()
     if not rows:
         raise _fence_error(conn, job_id)
     number, run = rows[0]

@@ -17,7 +17,8 @@ TERMINAL_SQL: Final = "('succeeded', 'failed', 'cancelled', 'skipped')"
 JOB_COLUMNS: Final = (
     "seq, id, change_order_id, app_id, region, status, source, reason, requested_by, dry_run,"
     " created_at, updated_at, finished_at, next_attempt_at, error_code, error_message,"
-    " attempt_count, call_count, needs_reconcile, lease_owner, lease_token, lease_expires_at"
+    " attempt_count, call_count, needs_reconcile, lease_owner, lease_token, lease_expires_at,"
+    " interrupted_count, first_attempt_at"
 )
 ATTEMPT_COLUMNS: Final = (
     "job_id, number, run, action, started_at, duration_ms, http_status, code, message,"
@@ -126,8 +127,10 @@ UPDATE jobs SET lease_expires_at = :expires
 WHERE id = :id AND lease_token = :token AND status IN {ACTIVE_SQL}
 RETURNING lease_expires_at"""
 
+# ``first_attempt_at`` keeps the start of the job's first call (the retry budget's origin).
 COUNT_CALL: Final = f"""
-UPDATE jobs SET call_count = call_count + 1, updated_at = :now
+UPDATE jobs SET call_count = call_count + 1, updated_at = :now,
+       first_attempt_at = coalesce(first_attempt_at, :started_at)
 WHERE id = :id AND lease_token = :token AND status IN {ACTIVE_SQL}
 RETURNING call_count, attempt_count"""
 
@@ -180,24 +183,28 @@ WHERE id = :id AND lease_token = :token AND status IN {ACTIVE_SQL}
 RETURNING {JOB_COLUMNS}"""
 
 EXPIRED_LEASES: Final = f"""
-SELECT id, status, attempt_count, lease_owner FROM jobs
+SELECT id, status, lease_owner FROM jobs
 WHERE status IN {ACTIVE_SQL} AND lease_expires_at < :now"""
 
-# A rescued job may have reached SAE without recording it: needs_reconcile.
+# A rescued job may have reached SAE without recording it: needs_reconcile. Each rescue is
+# one interrupted run; the one that reaches ``:max_interrupts`` fails the job (a job that
+# takes its worker down every time must end; ordinary retries do not count).
 RESCUE_ONE: Final = f"""
 UPDATE jobs SET
-    status = CASE WHEN attempt_count >= :max_attempts THEN 'failed'
+    interrupted_count = interrupted_count + 1,
+    status = CASE WHEN interrupted_count + 1 >= :max_interrupts THEN 'failed'
                   WHEN call_count > 0 THEN 'waiting' ELSE 'queued' END,
-    finished_at = CASE WHEN attempt_count >= :max_attempts THEN :now END,
-    next_attempt_at = CASE WHEN attempt_count >= :max_attempts THEN NULL ELSE :now END,
-    error_code = CASE WHEN attempt_count >= :max_attempts THEN 'attempts_exhausted'
+    finished_at = CASE WHEN interrupted_count + 1 >= :max_interrupts THEN :now END,
+    next_attempt_at = CASE WHEN interrupted_count + 1 >= :max_interrupts THEN NULL ELSE :now END,
+    error_code = CASE WHEN interrupted_count + 1 >= :max_interrupts THEN 'interrupted_too_often'
                       ELSE 'lease_expired' END,
-    error_message = CASE WHEN attempt_count >= :max_attempts
-                         THEN 'attempts exhausted after ' || attempt_count || ' interrupted runs'
+    error_message = CASE WHEN interrupted_count + 1 >= :max_interrupts
+                         THEN 'gave up after ' || (interrupted_count + 1) || ' interrupted runs'
+                              || ' (each time the lease of the worker expired: it died or hung)'
                          ELSE 'the lease of ' || coalesce(lease_owner, '?') || ' expired' END,
     needs_reconcile = 1, lease_token = NULL, lease_expires_at = NULL, updated_at = :now
 WHERE id = :id AND status IN {ACTIVE_SQL} AND lease_expires_at < :now
-RETURNING id, status, attempt_count, error_message"""
+RETURNING id, status, interrupted_count, error_code, error_message, attempt_count"""
 
 BUDGET_GET: Final = "SELECT tokens, updated_at FROM call_budget WHERE bucket = :bucket"
 BUDGET_PUT: Final = """

@@ -30,7 +30,16 @@ state", never as a failure. A worker killed mid-call leaves no attempt row; leas
 sets ``needs_reconcile`` and the next run reconciles the same way.
 
 Every SAE call is recorded as an attempt (with ``RequestId``/``TraceId`` whenever SAE sent
-them, failures included) before the flow acts on its result.
+them, failures included) before the flow acts on its result. When the flow's next act is
+the write that ends the run (or moves it to verifying), the attempt travels *in* that write
+(``transition(..., attempt=)`` / ``schedule_retry(..., attempt=)``: one commit, and never
+an attempt without its outcome); otherwise it is written on its own first (before the next
+call, ``set_target``, a verification pause or a release), which also confirms the lease
+before anything else reaches SAE.
+
+``FlowDeps.call_slots`` bounds the SAE calls in flight across all runs of the worker
+(``[worker] concurrency``): a run holds a slot only while its call is on the wire, not while
+it writes to the store or sleeps between verification polls.
 """
 
 from __future__ import annotations
@@ -102,8 +111,6 @@ DRY_RUN_CODE: Final = "DryRun"
 RESOLVE_PAGE_SIZE: Final = 20
 #: Pause of this process after a throttling answer without a retry-after.
 THROTTLE_PAUSE_S: Final = 1.0
-#: ``error_code`` the store gives a job it rescued from an expired lease.
-LEASE_EXPIRED: Final = "lease_expired"
 #: ``error_code`` of a run that ended in an unexpected exception.
 INTERNAL_ERROR: Final = "internal_error"
 
@@ -166,6 +173,8 @@ class FlowDeps:
     waiting_jobs: Callable[[], int]
     wall_clock: Callable[[], datetime]
     monotonic: Callable[[], float]
+    #: Bounds the SAE calls in flight across the worker's runs (``None``: unbounded).
+    call_slots: asyncio.Semaphore | None = None
 
 
 def _status_text(status: int | None) -> str:
@@ -199,13 +208,12 @@ class JobRun:
         #: Nothing was called for this job before: its calls have first-call priority.
         self._first_run = claimed.job.call_count == 0 and not claimed.job.needs_reconcile
         self._last_call_started = 0.0
+        #: Start of the job's first SAE call (stored; set here when this run makes it): the
+        #: retry budget's elapsed time is measured from it.
+        self._first_call_at = claimed.job.first_attempt_at
+        #: The last call's attempt, not yet written: the next write carries it (or flushes).
+        self._unrecorded: AttemptIn | None = None
         self._log = log
-        self._store_retry = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(StoreUnavailable),
-            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
-            stop=tenacity.stop_after_delay(max(1.0, deps.lease_s / 2.0)),
-            reraise=True,
-        )
 
     # -- entry ------------------------------------------------------------------------------
 
@@ -257,18 +265,6 @@ class JobRun:
             reconcile=job.needs_reconcile,
             dry_run=job.dry_run,
         )
-        if job.error_code == LEASE_EXPIRED:
-            # Rescued from a worker that died (or hung) mid-run. Count such interruptions,
-            # not claims: a job that kills its worker every time must end, but a job that
-            # merely waited through many busy retries must not be failed for it.
-            interrupted = await self._count_audit(AuditKind.RESCUED)
-            if interrupted >= self.d.max_attempts:
-                return await self._finish(
-                    JobStatus.FAILED,
-                    "attempts_exhausted",
-                    f"{interrupted} runs of this job were interrupted (lease expired each "
-                    "time); giving up so it cannot take more workers down",
-                )
         if job.dry_run:
             return await self._dry_run()
         accepted = self._accepted_abort()
@@ -327,6 +323,7 @@ class JobRun:
                 f"app {app_id} has no running or waiting change order",
             )
         try:
+            await self._flush_attempt()
             self.job = await self._write(
                 lambda: self.d.store.set_target(
                     self.job.id, self.token, change_order_id=change_order_id
@@ -352,6 +349,7 @@ class JobRun:
             return await self._call_failed(exc)
         if self.job.app_id is None and order.app_id:
             # Only now is the app known: take the per-app lock before any abort.
+            await self._flush_attempt()
             try:
                 self.job = await self._write(
                     lambda: self.d.store.set_target(self.job.id, self.token, app_id=order.app_id)
@@ -422,8 +420,11 @@ class JobRun:
         if not self.d.verify_enabled:
             return await self._finish(JobStatus.SUCCEEDED)
         if self.job.status is not JobStatus.VERIFYING:
+            attempt = self._take_attempt()
             self.job = await self._write(
-                lambda: self.d.store.transition(self.job.id, self.token, JobStatus.VERIFYING)
+                lambda: self.d.store.transition(
+                    self.job.id, self.token, JobStatus.VERIFYING, attempt=attempt
+                )
             )
             self._log.info("job_verifying")
         return await self._verify(accepted_at, poll_now=poll_now)
@@ -444,6 +445,7 @@ class JobRun:
                     f"the rollback of {change_order_id} was not finished after "
                     f"{self.d.verify_timeout_s:g} s; last status: {last}",
                 )
+            await self._flush_attempt()  # the last poll is on record before the pause
             await self._pause(min(pause, remaining))
             pause = self.d.verify_poll_interval_s
             try:
@@ -519,6 +521,22 @@ class JobRun:
             if self.d.draining.is_set():
                 raise Drained
             await self.d.budget.acquire(priority)
+        # The previous call's row is durable (and the lease confirmed) before this one goes out.
+        await self._flush_attempt()
+        slots = self.d.call_slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            # Waiting for a slot may have outlasted the start of a drain: no call starts then.
+            if self.d.draining.is_set():
+                raise Drained
+            return await self._make_call(call)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _make_call(self, call: Callable[[], Awaitable[T]]) -> T:
+        """The call itself (a slot held): timing, the in-call mark, the attempt kept."""
         if self._first_run and self.calls_this_run == 0:
             waited = (self.d.wall_clock() - self.job.created_at).total_seconds()
             self.d.metrics.time_to_first_call.observe(max(0.0, waited))
@@ -532,15 +550,18 @@ class JobRun:
         except SaeCallError as exc:
             self.in_call = False
             outcome = AttemptOutcome.RETRY if is_retryable(exc) else AttemptOutcome.FAILED
-            await self._record(exc.outcome, outcome)
+            self._record(exc.outcome, outcome)
             if isinstance(exc, SaeThrottled):
                 self.d.budget.pause(exc.retry_after_s or THROTTLE_PAUSE_S)
             raise
         self.in_call = False
-        await self._record(_outcome_of(result), AttemptOutcome.SUCCESS)
+        self._record(_outcome_of(result), AttemptOutcome.SUCCESS)
         return result
 
-    async def _record(self, call: CallOutcome, outcome: AttemptOutcome) -> None:
+    def _record(self, call: CallOutcome, outcome: AttemptOutcome) -> None:
+        """Keep the call as this run's unwritten attempt (see ``_flush_attempt``)."""
+        if self._unrecorded is not None:
+            raise RuntimeError("two SAE calls without the first one recorded")
         attempt = AttemptIn(
             action=call.action,
             started_at=call.started_at,
@@ -552,13 +573,14 @@ class JobRun:
             request_id=call.request_id,
             trace_id=call.trace_id,
         )
-        # Written before the flow acts on the call: the row is there even if we die next.
-        number = await self._write(
-            lambda: self.d.store.record_attempt(self.job.id, self.token, attempt)
-        )
+        self._unrecorded = attempt
+        if self._first_call_at is None:
+            self._first_call_at = attempt.started_at
+        # Every stored attempt of the job is in self.attempts (history is loaded whenever
+        # call_count > 0), so the store will give this one the next number.
         self.attempts.append(
             Attempt(
-                number=number,
+                number=len(self.attempts) + 1,
                 run=self.job.attempt_count,
                 action=attempt.action,
                 started_at=attempt.started_at,
@@ -572,6 +594,19 @@ class JobRun:
             )
         )
 
+    def _take_attempt(self) -> AttemptIn | None:
+        """The unwritten attempt, for a write that records it along with its outcome."""
+        attempt, self._unrecorded = self._unrecorded, None
+        return attempt
+
+    async def _flush_attempt(self) -> None:
+        """Write the last call's attempt on its own (the flow goes on without ending)."""
+        attempt = self._unrecorded
+        if attempt is None:
+            return
+        await self._write(lambda: self.d.store.record_attempt(self.job.id, self.token, attempt))
+        self._unrecorded = None
+
     async def _call_failed(self, exc: SaeCallError) -> RunResult:
         """A failed call (recorded already): fail on permanent errors, else schedule a retry."""
         reason = retry_reason(exc)
@@ -580,7 +615,7 @@ class JobRun:
         if exc.outcome.action == ABORT and is_ambiguous(exc):
             # The abort may have taken effect although no answer said so.
             self.maybe_accepted = True
-        first = self.attempts[0].started_at if self.attempts else exc.outcome.started_at
+        first = self._first_call_at or exc.outcome.started_at
         elapsed = max(0.0, (self.d.wall_clock() - first).total_seconds())
         retries = sum(1 for a in self.attempts if a.outcome is AttemptOutcome.RETRY)
         decision = self.d.policy.decide(
@@ -602,6 +637,7 @@ class JobRun:
             )
         self.d.metrics.retries.labels(reason=str(reason)).inc()
         self.settling = True
+        attempt = self._take_attempt()
         job = await self._write(
             lambda: self.d.store.schedule_retry(
                 self.job.id,
@@ -610,6 +646,7 @@ class JobRun:
                 error_code=exc.code,
                 error_message=self._message(exc),
                 reconcile=self.maybe_accepted,
+                attempt=attempt,
             )
         )
         self._log.info(
@@ -629,6 +666,7 @@ class JobRun:
         self.d.metrics.retries.labels(reason="busy").inc()
         delay = self.d.policy.initial_s
         self.settling = True
+        attempt = self._take_attempt()
         await self._write(
             lambda: self.d.store.schedule_retry(
                 self.job.id,
@@ -637,6 +675,7 @@ class JobRun:
                 error_code=code,
                 error_message=message,
                 reconcile=self.maybe_accepted,
+                attempt=attempt,
             )
         )
         self._log.info("job_retry_scheduled", reason="busy", code=code, delay_s=delay)
@@ -648,8 +687,11 @@ class JobRun:
         self, status: JobStatus, code: str | None = None, message: str | None = None
     ) -> RunResult:
         self.settling = True
+        attempt = self._take_attempt()
         job = await self._write(
-            lambda: self.d.store.transition(self.job.id, self.token, status, code, message)
+            lambda: self.d.store.transition(
+                self.job.id, self.token, status, code, message, attempt=attempt
+            )
         )
         self.job = job
         finished = job.finished_at or self.d.wall_clock()
@@ -672,6 +714,7 @@ class JobRun:
         return RunResult(str(status))
 
     async def _release(self, *, reconcile: bool, why: str) -> RunResult:
+        await self._flush_attempt()
         self.settling = True
         job = await self._write(
             lambda: self.d.store.release(self.job.id, self.token, reconcile=reconcile)
@@ -691,6 +734,7 @@ class JobRun:
                 self.d.policy.initial_s * 2 ** min(crashes, 16),
             )
             self.settling = True
+            attempt = self._take_attempt()
             await self._write(
                 lambda: self.d.store.schedule_retry(
                     self.job.id,
@@ -699,6 +743,7 @@ class JobRun:
                     error_code=INTERNAL_ERROR,
                     error_message=message,
                     reconcile=True,
+                    attempt=attempt,
                 )
             )
         except Exception:
@@ -741,7 +786,14 @@ class JobRun:
             # tenacity awaits only coroutine functions, not callables returning awaitables.
             return await op()
 
-        result: T = await self._store_retry(attempt)
+        # Built only here: constructing it costs more than a store write on the hot path.
+        store_retry = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(StoreUnavailable),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0),
+            stop=tenacity.stop_after_delay(max(1.0, self.d.lease_s / 2.0)),
+            reraise=True,
+        )
+        result: T = await store_retry(attempt)
         return result
 
     async def _pause(self, seconds: float) -> None:

@@ -2,13 +2,21 @@
 
 ``Worker.run(stop)`` owns, under one ``asyncio.TaskGroup``:
 
-* the **claim loop** — claims up to ``concurrency - in flight`` due jobs (the store gives at
+* the **claim loop** — claims up to ``max_jobs - in flight`` due jobs (the store gives at
   most one per app and leases them), starts a :class:`~orchestrator.worker.rollback.JobRun`
   task per job, and sleeps in ``store.wait_for_work`` (in-process event on SQLite,
-  LISTEN/NOTIFY on PostgreSQL, due times of scheduled retries) when there is nothing to do;
+  LISTEN/NOTIFY on PostgreSQL, due times of scheduled retries) when there is nothing to do.
+  While there is a backlog (the last claim got all it asked for) it refills in batches of
+  a quarter of ``max_jobs`` rather than one claim per finished job: one store round trip
+  then serves many jobs, and the jobs still in flight keep the call slots busy meanwhile;
+* **call slots** — ``concurrency`` bounds the SAE calls in flight, not the jobs: a job
+  holds a slot only while its call is on the wire, so jobs writing to the store, waiting
+  for the budget or sleeping between verification polls leave the slots to others.
+  ``max_jobs`` (default ``2 × concurrency``) bounds the leased jobs;
 * **side tasks** — lease renewal of every job in flight (every ``lease_s / 3``), lease
-  rescue (jobs of dead workers come back, marked for reconcile; a job whose runs were
-  interrupted ``max_attempts`` times is failed by its next run, see ``RESCUE_LIMIT``),
+  rescue (jobs of dead workers come back, marked for reconcile; the store fails a job
+  whose runs were interrupted ``max_attempts`` times — its ``interrupted_count``, not its
+  claims, which also grow with every ordinary retry),
   the ``jobs`` / ``oldest_queued_age`` gauges, and pruning of finished jobs older than the
   retention. An unexpected exception in any of them stops the worker and
   makes ``run`` raise :class:`WorkerCrashed` (the CLI exits 1, loudly); a store outage is
@@ -47,12 +55,6 @@ log = get_logger("orchestrator.worker")
 
 #: Back-off of the claim loop after the store failed (grows to the maximum).
 _STORE_BACKOFF_S: Final = (0.1, 5.0)
-#: ``max_attempts`` given to ``rescue_expired``: in effect "never fail, just requeue".
-#: The store compares it with the job's *claim* count, which also grows with every ordinary
-#: retry (a busy app polled for minutes is claimed hundreds of times), so a crash after many
-#: busy retries would fail a healthy job. The flow counts the interrupted runs instead
-#: (``rescued`` audit events) and fails a job after ``max_attempts`` of those.
-RESCUE_LIMIT: Final = 1_000_000
 #: Part of the drain grace kept for cancelling and releasing what did not finish.
 _DRAIN_MARGIN_MAX_S: Final = 2.0
 
@@ -66,7 +68,11 @@ class WorkerConfig:
     """The worker's settings, as plain values (the composition root reads the config)."""
 
     owner: str
+    #: SAE calls in flight at once (a job holds a slot only during its calls).
     concurrency: int = 16
+    #: Jobs leased and in progress at once; default ``2 * concurrency`` (enough that jobs
+    #: busy writing to the store or sleeping do not leave call slots idle).
+    max_jobs: int | None = None
     lease_s: float = 30.0
     max_attempts: int = 10
     drain_grace_s: float = 20.0
@@ -94,6 +100,8 @@ class WorkerConfig:
             raise ValueError("owner must not be empty")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            raise ValueError(f"max_jobs must be >= 1, got {self.max_jobs}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         for name in (
@@ -116,6 +124,11 @@ class WorkerConfig:
             raise ValueError(f"rescue_interval_s must be > 0, got {self.rescue_interval_s}")
         if self.calls_per_minute < 0:
             raise ValueError("calls_per_minute must be >= 0 (0 = no budget)")
+
+    @property
+    def job_limit(self) -> int:
+        """Jobs this worker leases at once (``max_jobs``, default ``2 * concurrency``)."""
+        return self.max_jobs if self.max_jobs is not None else 2 * self.concurrency
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -165,6 +178,7 @@ class Worker:
         self._jobs: dict[str, _InFlight] = {}
         self._draining = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._call_slots = asyncio.Semaphore(config.concurrency)
         self._waiting_jobs = 0
         self._running = False
         #: Count of runs by how they ended (for tests and the benchmark).
@@ -192,6 +206,7 @@ class Worker:
             owner=cfg.owner,
             engine=self.store.engine,
             concurrency=cfg.concurrency,
+            max_jobs=cfg.job_limit,
             lease_s=cfg.lease_s,
             calls_per_minute=cfg.calls_per_minute,
         )
@@ -244,13 +259,20 @@ class Worker:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        limit = cfg.job_limit
+        refill = max(1, limit // 4)
         backoff = _STORE_BACKOFF_S[0]
         idle_rounds = 0
+        backlog = False
         while not stop.is_set():
-            free = cfg.concurrency - len(self._jobs)
-            if free <= 0:
+            free = limit - len(self._jobs)
+            # With a backlog, wait for a batch of free places: one claim then serves many
+            # jobs (the jobs still in flight keep the call slots busy meanwhile). Without
+            # one, claim as soon as anything is free (a new job must not wait for a batch).
+            if free <= 0 or (backlog and free < refill):
                 self._slot_freed.clear()
-                if cfg.concurrency - len(self._jobs) <= 0:
+                free = limit - len(self._jobs)
+                if free <= 0 or (backlog and free < refill):
                     await _first_of(self._slot_freed.wait(), stop.wait())
                 continue
             try:
@@ -263,8 +285,9 @@ class Worker:
             backoff = _STORE_BACKOFF_S[0]
             for item in claimed:
                 self._start(item)
-            if len(claimed) >= free:
-                continue  # maybe more is due: claim again as soon as a slot is free
+            backlog = len(claimed) >= free
+            if backlog:
+                continue  # maybe more is due: claim again once a batch of places is free
             started = self._monotonic()
             try:
                 await _first_of(self.store.wait_for_work(cfg.idle_poll_s), stop.wait())
@@ -331,6 +354,7 @@ class Worker:
             waiting_jobs=lambda: self._waiting_jobs,
             wall_clock=self._wall_clock,
             monotonic=self._monotonic,
+            call_slots=self._call_slots,
         )
 
     # -- stopping ----------------------------------------------------------------------------------
@@ -394,7 +418,7 @@ class Worker:
         cfg = self.config
         while not await _stopped(stop, cfg.effective_rescue_interval_s):
             try:
-                rescued = await self.store.rescue_expired(RESCUE_LIMIT)
+                rescued = await self.store.rescue_expired(cfg.max_attempts)
             except StoreError as exc:
                 log.warning("lease_rescue_failed", error=str(exc))
                 continue

@@ -296,11 +296,14 @@ async def test_two_workers_on_postgres_never_run_one_app_twice(
         await store.open()
         workers = []
         try:
+            # Both workers run before the jobs arrive: each enqueue's NOTIFY wakes both, so
+            # both get work (started afterwards, the first could finish all before the second
+            # is up on a loaded machine).
+            workers = [await start_worker(configs[n], tmp_path, f"pg{n}") for n in range(2)]
             ids: dict[str, int] = {}
             for i in range(apps):
                 ids[await enqueue(store, live[i], f"pg-app-{i}")] = i
                 ids[await enqueue(store, done[i], f"pg-app-{i}")] = i
-            workers = [await start_worker(configs[n], tmp_path, f"pg{n}") for n in range(2)]
             jobs = await wait_terminal(store, list(ids), timeout_s=60)
             assert (
                 sorted(str(j.status) for j in jobs.values())

@@ -2,15 +2,16 @@
 
 The migration test compares a catalog dump of a database migrated step by step (stopping
 at every intermediate version, with data written at each stop) with one migrated in one
-go. With only 0001 today the stepwise path is "empty → 1"; the mechanism is what keeps a
-future 0002 honest (it must upgrade a populated version-1 database to exactly the fresh
-schema).
+go: 0002 must upgrade a populated version-1 database to exactly the fresh schema. The
+data written at a stop is plain SQL of that version (the store code only speaks the
+latest schema), and what 0002 backfills from it is checked after the upgrade.
 """
 
 from __future__ import annotations
 
 import re
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -65,17 +66,92 @@ async def _dump(engine: Engine) -> list[str]:
     return sorted(re.sub(rf"\b{schema}\.", "", r[0]) for r in rows)
 
 
+# Version-1 rows as a version-1 deployment would hold them: a job that was rescued twice
+# after two calls (the worker counted those rescues in the audit trail), and a fresh one.
+_V1_T0_US = 1_900_000_000_000_000  # 2030-03-17T17:46:40Z
+_V1_FIRST_CALL_US = _V1_T0_US + 250_000
+_V1_ROWS = [
+    (
+        "INSERT INTO jobs (id, change_order_id, app_id, region, status, source, created_at,"
+        " updated_at, next_attempt_at, attempt_count, call_count, needs_reconcile)"
+        " VALUES ('j-rescued', 'co-v1', 'app-1', 'cn-hangzhou', 'waiting', 'api', {t0}, {t0},"
+        " {t0}, 4, 2, {true})"
+    ),
+    (
+        "INSERT INTO jobs (id, change_order_id, app_id, region, status, source, created_at,"
+        " updated_at, next_attempt_at) VALUES ('j-fresh', 'co-v1b', 'app-2', 'cn-hangzhou',"
+        " 'queued', 'api', {t0}, {t0}, {t0})"
+    ),
+    (
+        "INSERT INTO attempts (job_id, number, run, action, started_at, duration_ms, outcome)"
+        " VALUES ('j-rescued', 2, 3, 'AbortAndRollbackChangeOrder', {t2}, 40, 'retry'),"
+        " ('j-rescued', 1, 1, 'DescribeChangeOrder', {t1}, 30, 'success')"
+    ),
+    (
+        "INSERT INTO audit_events (job_id, at, event, actor, detail) VALUES"
+        " ('j-rescued', {t0}, 'claimed', 'w1', '{{}}'),"
+        " ('j-rescued', {t0}, 'rescued', 'w1', '{{}}'),"
+        " ('j-rescued', {t0}, 'rescued', 'w2', '{{}}'), (NULL, {t0}, 'rejected', 'api', '{{}}')"
+    ),
+    "INSERT INTO idempotency_keys (source, key, job_id, created_at) VALUES"
+    " ('api', 'k1', 'j-fresh', {t0})",
+]
+
+
+def _v1_time(engine: Engine, us: int) -> str:
+    if engine.name == "sqlite":
+        return str(us)
+    return f"to_timestamp({us / 1_000_000!r})"
+
+
+async def _execute(engine: Engine, statements: list[str]) -> None:
+    """Run raw SQL on the engine's database (below the store, like an older release would)."""
+    if engine.name == "sqlite":
+        conn = sqlite3.connect(engine.url.removeprefix("sqlite:///"))
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(engine.url, server_settings={"search_path": engine.tuning["schema"]})
+    try:
+        for statement in statements:
+            await pg.execute(statement)
+    finally:
+        await pg.close()
+
+
 async def _write_sample_data(engine: Engine, version: int) -> None:
-    """Rows a real deployment would have at ``version`` (only version 1 exists so far)."""
+    """Rows a real deployment would have at ``version`` (written in that version's SQL)."""
     if version == 0:
+        return
+    if version != 1:
+        raise AssertionError(f"no sample data for version {version}: add it with the migration")
+    values = {
+        "t0": _v1_time(engine, _V1_T0_US),
+        "t1": _v1_time(engine, _V1_FIRST_CALL_US),
+        "t2": _v1_time(engine, _V1_FIRST_CALL_US + 5_000_000),
+        "true": "1" if engine.name == "sqlite" else "true",
+    }
+    await _execute(engine, [row.format(**values) for row in _V1_ROWS])
+
+
+async def _check_sample_data(engine: Engine, version: int) -> None:
+    """What the migrations after ``version`` made of its sample rows."""
+    if version != 1:
         return
     store = engine.new_store()
     await store.open()
     try:
-        await store.enqueue(new_job(f"co-v{version}", "app-1", idempotency_key=f"k{version}"))
-        await store.record_rejection("api", "sample", {})
+        rescued, fresh = await store.get("j-rescued"), await store.get("j-fresh")
     finally:
         await store.close()
+    assert (rescued.interrupted_count, fresh.interrupted_count) == (2, 0)
+    first_call = datetime(2030, 3, 17, 17, 46, 40, 250000, tzinfo=UTC)
+    assert (rescued.first_attempt_at, fresh.first_attempt_at) == (first_call, None)
+    assert (rescued.attempt_count, rescued.call_count, len(rescued.attempts)) == (4, 2, 2)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -100,6 +176,27 @@ async def test_stepwise_migration_yields_the_same_schema_as_a_fresh_one(
             assert len(rest) == latest - stop
             assert await _dump(stepped) == expected
             assert await stepped.new_store().schema_version() == latest
+            await _check_sample_data(stepped, stop)
+
+
+async def test_open_refuses_a_version_1_store_until_it_is_migrated(engine: Engine) -> None:
+    """A store left at version 1 by an older release: open says "migrate"; migrate=True does."""
+    assert len(load_migrations("sqlite" if engine.name == "sqlite" else "postgres")) >= 2
+    assert await engine.new_store().migrate(target=1) == ["0001_initial"]
+    store = engine.new_store()
+    with pytest.raises(
+        SchemaError, match=r"version 1, this code needs \d+: run `sae-rollback migrate`"
+    ):
+        await store.open()
+    await store.open(migrate=True)
+    try:
+        assert await store.schema_version() == len(
+            load_migrations("sqlite" if engine.name == "sqlite" else "postgres")
+        )
+        job = (await store.enqueue(new_job())).job
+        assert (job.interrupted_count, job.first_attempt_at) == (0, None)
+    finally:
+        await store.close()
 
 
 async def test_migrate_is_idempotent_and_reports_what_it_applied(engine: Engine) -> None:

@@ -115,7 +115,7 @@ async def test_a_stale_token_can_write_nothing(store: Store) -> None:
     await store.enqueue(new_job("co-1", "app-1"))
     stale = await claim_one(store, owner="w-old", lease_s=0.05)
     await asyncio.sleep(0.15)
-    assert await store.rescue_expired(max_attempts=5) == 1
+    assert await store.rescue_expired(max_interrupts=5) == 1
     fresh = await claim_one(store, owner="w-new")
     job_id = stale.job.id
     snapshot = await store.get(job_id)
@@ -150,7 +150,7 @@ async def test_a_current_token_still_writes_after_expiry_until_the_job_is_rescue
     await asyncio.sleep(0.15)
     new_expiry = await store.heartbeat(c.job.id, c.token, 30)
     assert new_expiry > datetime.now(UTC) + timedelta(seconds=20)
-    assert await store.rescue_expired(max_attempts=5) == 0  # renewed: nothing to rescue
+    assert await store.rescue_expired(max_interrupts=5) == 0  # renewed: nothing to rescue
     done = await store.transition(c.job.id, c.token, JobStatus.SUCCEEDED)
     assert done.status is JobStatus.SUCCEEDED
 
@@ -381,7 +381,7 @@ async def test_rescue_takes_back_expired_leases_and_flags_reconcile(store: Store
     alive = await claim_one(store, owner="alive", lease_s=30)
     await asyncio.sleep(0.15)
 
-    assert await store.rescue_expired(max_attempts=5) == 2
+    assert await store.rescue_expired(max_interrupts=5) == 2
     r1 = await store.get(expired_running.job.id)
     r2 = await store.get(expired_verifying.job.id)
     assert (r1.status, r1.needs_reconcile, r1.lease_token) == (JobStatus.QUEUED, True, None)
@@ -392,26 +392,90 @@ async def test_rescue_takes_back_expired_leases_and_flags_reconcile(store: Store
     rescued = (await store.audit(r2.id))[-1]
     assert (rescued.event, rescued.actor) == (AuditKind.RESCUED, "dead-2")
     assert rescued.detail["from"] == "verifying"
-    assert await store.rescue_expired(max_attempts=5) == 0
+    assert await store.rescue_expired(max_interrupts=5) == 0
     again = await store.claim("w", 30, 5)
     assert sorted(c.job.id for c in again) == sorted([r1.id, r2.id])
     assert all(c.job.needs_reconcile for c in again)
 
 
-async def test_rescue_fails_a_job_whose_attempts_are_exhausted(store: Store) -> None:
-    """A job that lost its worker on every one of ``max_attempts`` claims ends failed."""
+async def test_rescue_fails_a_job_interrupted_max_interrupts_times(store: Store) -> None:
+    """A job that lost its worker on each of ``max_interrupts`` runs ends failed, audited."""
     job = (await store.enqueue(new_job("co-1"))).job
-    for _ in range(3):
-        await claim_one(store, lease_s=0.05)
+    for n in range(1, 4):
+        await claim_one(store, owner=f"dead-{n}", lease_s=0.05)
         await asyncio.sleep(0.1)
-        assert await store.rescue_expired(max_attempts=3) == 1
+        assert await store.rescue_expired(max_interrupts=3) == 1
+        assert (await store.get(job.id)).interrupted_count == n
     final = await store.get(job.id)
     assert final.status is JobStatus.FAILED
-    assert final.attempt_count == 3
+    assert (final.attempt_count, final.interrupted_count) == (3, 3)
     assert final.finished_at is not None
-    assert final.error_code == "attempts_exhausted"
-    assert final.error_message == "attempts exhausted after 3 interrupted runs"
+    assert final.lease_token is None
+    assert final.next_attempt_at is None
+    assert final.error_code == "interrupted_too_often"
+    assert (final.error_message or "").startswith("gave up after 3 interrupted runs")
+    last = (await store.audit(job.id))[-1]
+    assert (last.event, last.actor) == (AuditKind.RESCUED, "dead-3")
+    assert last.detail["status"] == "failed"
+    assert last.detail["interrupted_count"] == 3
+    assert last.detail["error_code"] == "interrupted_too_often"
     assert await store.claim("w", 30, 1) == []
+
+
+async def test_ordinary_retries_do_not_count_as_interruptions(store: Store) -> None:
+    """Claims ended by schedule_retry/release/transition leave interrupted_count alone."""
+    job = (await store.enqueue(new_job("co-1"))).job
+    for _ in range(5):  # five busy probes: five claims, no interruption
+        c = await claim_one(store)
+        await store.schedule_retry(c.job.id, c.token, delay_s=0, attempt=attempt())
+    c = await claim_one(store)
+    await store.release(c.job.id, c.token)
+    after = await store.get(job.id)
+    assert (after.attempt_count, after.interrupted_count) == (6, 0)
+    # one crash now is survived even with a limit of 2, although 7 claims were made
+    await claim_one(store, lease_s=0.05)
+    await asyncio.sleep(0.1)
+    assert await store.rescue_expired(max_interrupts=2) == 1
+    rescued = await store.get(job.id)
+    assert (rescued.status, rescued.interrupted_count) == (JobStatus.WAITING, 1)
+    assert rescued.error_code == "lease_expired"
+    c = await claim_one(store)
+    assert c.job.interrupted_count == 1
+    done = await store.transition(c.job.id, c.token, JobStatus.SUCCEEDED)
+    assert (done.status, done.interrupted_count) == (JobStatus.SUCCEEDED, 1)
+
+
+async def test_rescue_rejects_a_limit_below_one(store: Store) -> None:
+    """``max_interrupts`` must be at least 1 (a caller bug otherwise, nothing is written)."""
+    with pytest.raises(ValueError, match="max_interrupts"):
+        await store.rescue_expired(0)
+
+
+async def test_first_attempt_at_is_the_start_of_the_first_recorded_call(store: Store) -> None:
+    """Every path that records a call sets first_attempt_at once; later calls keep it."""
+    t0 = datetime(2030, 1, 1, 12, 0, 0, 250000, tzinfo=UTC)
+    jobs = [(await store.enqueue(new_job(f"co-{i}", f"app-{i}"))).job for i in range(4)]
+    assert all(j.first_attempt_at is None for j in jobs)
+    claimed = {c.job.id: c for c in await store.claim("w1", 30, 4)}
+    a, b, c, d = (claimed[j.id] for j in jobs)
+    # record_attempt, then a later call: the first stays
+    await store.record_attempt(a.job.id, a.token, attempt(started_at=t0))
+    await store.record_attempt(a.job.id, a.token, attempt(started_at=t0 + timedelta(seconds=9)))
+    # schedule_retry / transition with the deciding call, each the job's first call
+    await store.schedule_retry(b.job.id, b.token, delay_s=0, attempt=attempt(started_at=t0))
+    success = attempt(AttemptOutcome.SUCCESS, started_at=t0)
+    await store.transition(c.job.id, c.token, JobStatus.SUCCEEDED, attempt=success)
+    # a transition without an attempt records no call and sets nothing
+    await store.transition(d.job.id, d.token, JobStatus.SKIPPED, "x", "y")
+    got = [await store.get(j.id) for j in jobs]
+    assert [g.first_attempt_at for g in got] == [t0, t0, t0, None]
+    assert [g.call_count for g in got] == [2, 1, 1, 0]
+    # the next run (a new claim) sees it, and its own calls do not move it
+    again = await claim_one(store, owner="w2")
+    assert (again.job.id, again.job.first_attempt_at) == (b.job.id, t0)
+    later = attempt(started_at=t0 + timedelta(seconds=30))
+    await store.schedule_retry(again.job.id, again.token, delay_s=60, attempt=later)
+    assert (await store.get(b.job.id)).first_attempt_at == t0
 
 
 # -- shared call budget ------------------------------------------------------------------------

@@ -302,7 +302,7 @@ async def test_postgres_restart_mid_run_loses_no_job(cluster: Cluster) -> None:
         async def worker(name: str) -> None:
             while not done.is_set():
                 try:
-                    await store.rescue_expired(max_attempts=10)
+                    await store.rescue_expired(max_interrupts=10)
                     claimed = await store.claim(name, 2.0, 2)
                 except StoreUnavailable as exc:
                     unavailable.append(exc)

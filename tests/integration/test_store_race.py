@@ -179,7 +179,7 @@ async def test_a_stalled_workers_late_writes_are_rejected(engine: Engine, tmp_pa
         job_id = json.loads(claimed_file.read_text())["job_id"]
 
         await asyncio.sleep(0.5)  # the lease (0.3 s) runs out
-        assert await store.rescue_expired(max_attempts=5) == 1
+        assert await store.rescue_expired(max_interrupts=5) == 1
         taken = await store.claim("healthy", 30, 1)
         assert [c.job.id for c in taken] == [job_id]
         await store.transition(job_id, taken[0].token, JobStatus.SUCCEEDED)

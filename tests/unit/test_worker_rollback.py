@@ -22,7 +22,6 @@ from orchestrator.store import Store
 from orchestrator.worker.budget import CallBudget, LocalTokens, Priority
 from orchestrator.worker.retry import RetryPolicy
 from orchestrator.worker.rollback import FlowDeps, JobRun, RunResult
-from orchestrator.worker.runner import RESCUE_LIMIT
 
 from .worker_fakes import (
     ABORT,
@@ -432,18 +431,20 @@ async def _rescue(rig: Rig) -> None:
     """Claim with a tiny lease, let it expire, rescue: an interrupted run."""
     await rig.claim(lease_s=0.01)
     await asyncio.sleep(0.03)
-    assert await rig.store.rescue_expired(RESCUE_LIMIT) == 1
+    assert await rig.store.rescue_expired(rig.settings["max_attempts"]) == 1
 
 
-async def test_job_interrupted_max_attempts_times_fails_without_calling(rig: Rig) -> None:
-    """A job whose runs keep dying (poison) is failed once it was rescued max_attempts times."""
+async def test_job_interrupted_max_attempts_times_is_failed_by_the_store(rig: Rig) -> None:
+    """A job whose runs keep dying (poison) is failed by its max_attempts-th rescue, uncalled."""
     rig.settings["max_attempts"] = 3
-    await rig.enqueue(change_order_id="co-1")
+    job_id = await rig.enqueue(change_order_id="co-1")
     for _ in range(3):
         await _rescue(rig)
-    result, job = await rig.run()
-    assert result is RunResult.FAILED
-    assert job.error_code == "attempts_exhausted"
+    job = await rig.store.get(job_id)
+    assert job.status is JobStatus.FAILED
+    assert job.error_code == "interrupted_too_often"
+    assert job.interrupted_count == 3
+    assert await rig.store.claim("w", 5.0, 1) == []
     assert rig.sae.calls == []
 
 
@@ -462,3 +463,74 @@ async def test_many_busy_retries_then_one_crash_still_completes(rig: Rig) -> Non
     job = await rig.run_until_settled(job_id)
     assert job.status is JobStatus.SUCCEEDED
     assert rig.sae.accepted == ["co-1"]
+
+
+async def test_retry_budget_counts_from_the_jobs_first_call_across_runs(rig: Rig) -> None:
+    """max_elapsed_s runs from the stored first_attempt_at, not from this run's first call."""
+    rig.policy = RetryPolicy(
+        initial_s=0.01, max_interval_s=0.01, max_elapsed_s=0.3, wait=tenacity.wait_fixed(0.01)
+    )
+    rig.sae.then(ABORT, busy(), busy())
+    await rig.enqueue(change_order_id="co-1")
+    result, job = await rig.run()
+    assert result is RunResult.RETRY
+    first = job.first_attempt_at
+    assert first is not None
+    assert first == job.attempts[0].started_at
+    await asyncio.sleep(0.35)
+    result, job = await rig.run()
+    assert result is RunResult.FAILED
+    assert job.error_code == "retry_budget_exhausted"
+    assert job.first_attempt_at == first
+    assert [a.action for a in job.attempts] == [DESCRIBE, ABORT, ABORT]
+
+
+def _count_attempt_writes(store: Store) -> list[str]:
+    """Record the action of every ``record_attempt`` call made on ``store`` from now on."""
+    actions: list[str] = []
+    real = store.record_attempt
+
+    async def record_attempt(job_id: str, token: str, attempt: Any) -> int:
+        actions.append(attempt.action)
+        return await real(job_id, token, attempt)
+
+    store.record_attempt = record_attempt  # type: ignore[method-assign]
+    return actions
+
+
+async def test_the_deciding_call_is_recorded_in_the_final_write(rig: Rig) -> None:
+    """Pre-check alone, then the abort's row travels with the finish: one write fewer."""
+    rig.settings["verify_enabled"] = False
+    separate = _count_attempt_writes(rig.store)
+    await rig.enqueue(change_order_id="co-1")
+    result, job = await rig.run()
+    assert result is RunResult.SUCCEEDED
+    assert separate == [DESCRIBE]
+    assert [(a.number, a.action, a.outcome) for a in job.attempts] == [
+        (1, DESCRIBE, AttemptOutcome.SUCCESS),
+        (2, ABORT, AttemptOutcome.SUCCESS),
+    ]
+    assert job.first_attempt_at == job.attempts[0].started_at
+
+
+async def test_verification_polls_are_on_record_before_each_pause(rig: Rig) -> None:
+    """The abort's row comes with ``verifying``; each unfinished poll is written before a pause."""
+    rig.sae.after_abort_status = 1
+    separate = _count_attempt_writes(rig.store)
+    job_id = await rig.enqueue(change_order_id="co-1")
+    task = asyncio.create_task(rig.run())
+    deadline = asyncio.get_running_loop().time() + 5
+    while rig.sae.count(DESCRIBE) < 3:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)
+    during = await rig.store.get(job_id)
+    assert during.status is JobStatus.VERIFYING
+    assert [a.action for a in during.attempts][:3] == [DESCRIBE, ABORT, DESCRIBE]
+    rig.sae.status["co-1"] = 6
+    result, job = await task
+    assert result is RunResult.SUCCEEDED
+    assert ABORT not in separate
+    # the abort came with "verifying", the last (terminal) poll with "succeeded"
+    assert len(job.attempts) == len(separate) + 2
+    assert job.attempts[-1].action == DESCRIBE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from orchestrator.jobs import JobStatus, NewJob
 from orchestrator.store import Store
 from orchestrator.worker import Worker, WorkerConfig, WorkerCrashed
 
-from .worker_fakes import ABORT, FakeSae, metrics, sample, sqlite
+from .worker_fakes import ABORT, DESCRIBE, FakeSae, metrics, sample, sqlite
 
 
 def cfg(**overrides: Any) -> WorkerConfig:
@@ -275,3 +276,97 @@ def test_config_validation() -> None:
         cfg(calls_per_minute=-1)
     assert cfg(lease_s=30).effective_rescue_interval_s == 15
     assert cfg(lease_s=30).heartbeat_interval_s == 10
+
+
+async def test_concurrency_bounds_calls_not_jobs(store: Store) -> None:
+    """Jobs sleeping between verification polls hold no call slot: 8 verify with 2 slots."""
+    sae = FakeSae(latency_s=0.01)
+    sae.after_abort_status = 1  # the rollback keeps running until the test ends it
+    ids = await enqueue(store, sae, 8)
+    config = cfg(concurrency=2, max_jobs=8, verify_enabled=True, verify_poll_interval_s=0.05)
+    worker = Worker(store, sae, metrics(), config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    deadline = time.monotonic() + 10
+    while (await store.stats()).counts[JobStatus.VERIFYING] < 8:
+        assert time.monotonic() < deadline, "the jobs did not all reach verifying"
+        await asyncio.sleep(0.02)
+    assert worker.in_flight == 8
+    await asyncio.sleep(0.25)  # each verifying job polls a few times meanwhile
+    assert sae.count(DESCRIBE) >= 8 + 8 * 2  # pre-checks, then at least two polls each
+    for i in range(8):
+        sae.status[f"co-{i}"] = 6  # rolled back: the next poll finishes each job
+    jobs = await settled(store, ids)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert {j.status for j in jobs.values()} == {JobStatus.SUCCEEDED}
+    assert sae.max_in_flight == 2
+
+
+async def test_jobs_in_flight_are_bounded_by_max_jobs(store: Store) -> None:
+    """``max_jobs`` caps the leased jobs (default twice the concurrency)."""
+    assert cfg(concurrency=3).job_limit == 6
+    assert cfg(concurrency=3, max_jobs=4).job_limit == 4
+    with pytest.raises(ValueError, match="max_jobs"):
+        cfg(max_jobs=0)
+    sae = FakeSae(latency_s=0.02)
+    ids = await enqueue(store, sae, 12)
+    worker = Worker(store, sae, metrics(), cfg(concurrency=8, max_jobs=3))
+    peak = 0
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    deadline = time.monotonic() + 10
+    while sae.count(ABORT) < len(ids):
+        assert time.monotonic() < deadline, "the jobs did not all run"
+        peak = max(peak, worker.in_flight)
+        await asyncio.sleep(0.002)
+    await settled(store, ids)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert peak == 3
+    assert sae.max_in_flight <= 3
+
+
+async def test_a_backlog_is_claimed_in_batches(store: Store) -> None:
+    """With more due jobs than places, refills wait for a quarter of max_jobs to be free."""
+    sae = FakeSae(latency_s=0.005)
+    ids = await enqueue(store, sae, 60)
+    claims: list[tuple[int, int]] = []
+    real_claim = store.claim
+
+    async def claim(owner: str, lease_s: float, limit: int) -> Any:
+        got = await real_claim(owner, lease_s, limit)
+        claims.append((limit, len(got)))
+        return got
+
+    store.claim = claim  # type: ignore[method-assign]
+    worker = Worker(store, sae, metrics(), cfg(concurrency=4, max_jobs=16))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    jobs = await settled(store, ids)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert {j.status for j in jobs.values()} == {JobStatus.SUCCEEDED}
+    assert claims[0] == (16, 16)
+    after_full = [limit for (prev, got), (limit, _) in itertools.pairwise(claims) if got == prev]
+    assert after_full
+    assert min(after_full) >= 4  # never one claim per finished job while there is a backlog
+    assert len(claims) <= 60 // 4 + 4
+
+
+async def test_jobs_waiting_for_a_call_slot_start_no_call_once_draining(store: Store) -> None:
+    """One slot, one slow call: at drain the queued jobs are released without calling."""
+    sae = FakeSae()
+    sae.slow[DESCRIBE] = 0.3
+    ids = await enqueue(store, sae, 3)
+    worker = Worker(store, sae, metrics(), cfg(concurrency=1, max_jobs=3))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    while not sae.calls or worker.in_flight < 3:
+        await asyncio.sleep(0.005)
+    stop.set()  # two jobs are waiting for the slot the first pre-check holds
+    await asyncio.wait_for(task, 5)
+    assert len(sae.calls) == 1  # only the pre-check that held the slot
+    jobs = [await store.get(i) for i in ids]
+    assert sorted(str(j.status) for j in jobs) == ["queued", "queued", "waiting"]
+    assert all(j.lease_token is None for j in jobs)

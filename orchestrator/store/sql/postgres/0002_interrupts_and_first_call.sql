@@ -1,0 +1,20 @@
+-- sae-rollback store schema, PostgreSQL, version 2.
+-- interrupted_count: how many times lease rescue took the job back from a worker that
+--   died or hung. rescue_expired(max_interrupts) fails the job when it reaches the limit.
+--   Distinct from attempt_count (claims), which also grows with every ordinary retry.
+-- first_attempt_at: started_at of the job's first recorded SAE call (the retry budget's
+--   max_elapsed_s is measured from it); NULL until a call is recorded.
+-- Existing rows are backfilled from what version 1 recorded: the 'rescued' audit events
+-- (what the worker used to count) and the earliest attempt. Neither column is indexed, so
+-- the per-call updates stay HOT.
+
+ALTER TABLE jobs
+    ADD COLUMN interrupted_count integer NOT NULL DEFAULT 0,
+    ADD COLUMN first_attempt_at timestamptz;
+
+UPDATE jobs SET
+    interrupted_count = (SELECT count(*) FROM audit_events AS a
+                         WHERE a.job_id = jobs.id AND a.event = 'rescued'),
+    first_attempt_at = (SELECT min(started_at) FROM attempts AS t WHERE t.job_id = jobs.id)
+WHERE EXISTS (SELECT 1 FROM audit_events AS a WHERE a.job_id = jobs.id AND a.event = 'rescued')
+   OR EXISTS (SELECT 1 FROM attempts AS t WHERE t.job_id = jobs.id);
