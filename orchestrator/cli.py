@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from orchestrator import __version__
 from orchestrator.config import Settings, load_settings
 from orchestrator.errors import ConfigError, RollbackError
+from orchestrator.jobs import JobStatus
 from orchestrator.logging import configure_logging, get_logger
 
 if TYPE_CHECKING:
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: Where ``submit``/``status``/``list`` find the API by default: ``make run``'s address.
+_DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 log = get_logger("cli")
 
@@ -75,7 +79,47 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--no-demo", action="store_true", help="do not create demo-app with a running change order"
     )
+
+    submit = sub.add_parser(
+        "submit", help="request a rollback through the API", description="enqueue a rollback"
+    )
+    target = submit.add_mutually_exclusive_group(required=True)
+    target.add_argument("--change-order-id", help="the SAE change order to abort and roll back")
+    target.add_argument("--app-id", help="the SAE app whose running change order to roll back")
+    submit.add_argument("--reason", default=None, help="why (shown in status and audit)")
+    submit.add_argument(
+        "--idempotency-key", default=None, help="retrying with the same key never adds a job"
+    )
+    _add_client_args(submit)
+
+    status = sub.add_parser(
+        "status", help="show one rollback job and its attempts", description="show one job"
+    )
+    status.add_argument("id", help="the job id printed by submit")
+    _add_client_args(status)
+
+    listing = sub.add_parser("list", help="list rollback jobs", description="list jobs")
+    listing.add_argument("--status", choices=[s.value for s in JobStatus], default=None)
+    listing.add_argument("--app-id", default=None)
+    listing.add_argument("--limit", type=int, default=None, help="page size (1-1000)")
+    listing.add_argument("--cursor", default=None, help="next_cursor of the previous page")
+    _add_client_args(listing)
     return parser
+
+
+def _add_client_args(parser: argparse.ArgumentParser) -> None:
+    """--server/--token (also from SAE_ROLLBACK_SERVER/SAE_ROLLBACK_TOKEN) and --json."""
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("SAE_ROLLBACK_SERVER", _DEFAULT_SERVER),
+        help=f"API base URL (default: $SAE_ROLLBACK_SERVER or {_DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SAE_ROLLBACK_TOKEN"),
+        help="bearer token of a configured source (default: $SAE_ROLLBACK_TOKEN)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
 
 def _add_config_arg(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +230,69 @@ async def _cmd_simulate(args: argparse.Namespace, stop: asyncio.Event) -> int:
     return EXIT_OK
 
 
+async def _cmd_submit(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from orchestrator.intake.apiclient import ApiClient
+
+    async with ApiClient(args.server, args.token) as api:
+        submitted = await _api_call(
+            args,
+            api.submit(
+                change_order_id=args.change_order_id,
+                app_id=args.app_id,
+                reason=args.reason,
+                idempotency_key=args.idempotency_key,
+            ),
+        )
+    job = submitted.job
+    if args.json:
+        print(json.dumps(job, indent=2))
+    else:
+        what = "already queued as" if submitted.deduplicated else "accepted:"
+        print(f"rollback {what} job {job.get('id')} ({job.get('status')})")
+        print(f"follow it with: sae-rollback status {job.get('id')} --server {args.server}")
+    return EXIT_OK
+
+
+async def _cmd_status(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from orchestrator.intake.apiclient import ApiClient, format_job
+
+    async with ApiClient(args.server, args.token) as api:
+        job = await _api_call(args, api.get(args.id))
+    print(json.dumps(job, indent=2) if args.json else format_job(job))
+    return EXIT_OK
+
+
+async def _cmd_list(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    from orchestrator.intake.apiclient import ApiClient, format_page
+
+    if args.limit is not None and not 1 <= args.limit <= 1000:
+        raise ConfigError(f"--limit must be 1-1000, got {args.limit}")
+    async with ApiClient(args.server, args.token) as api:
+        page = await _api_call(
+            args,
+            api.list(status=args.status, app_id=args.app_id, limit=args.limit, cursor=args.cursor),
+        )
+    print(json.dumps(page, indent=2) if args.json else format_page(page))
+    return EXIT_OK
+
+
+_T = TypeVar("_T")
+
+
+async def _api_call(args: argparse.Namespace, call: Awaitable[_T]) -> _T:
+    """Await an API call; add a hint to a 401 when no token was given."""
+    from orchestrator.intake.apiclient import ApiClientError
+
+    try:
+        return await call
+    except ApiClientError as exc:
+        if exc.status == 401 and not args.token:
+            raise ApiClientError(
+                f"{exc} (pass --token or set SAE_ROLLBACK_TOKEN)", status=401, code=exc.code
+            ) from exc
+        raise
+
+
 Command = Callable[[argparse.Namespace, asyncio.Event], Awaitable[int]]
 
 _COMMANDS: dict[str, Command] = {
@@ -194,6 +301,9 @@ _COMMANDS: dict[str, Command] = {
     "worker": _cmd_worker,
     "migrate": _cmd_migrate,
     "simulate": _cmd_simulate,
+    "submit": _cmd_submit,
+    "status": _cmd_status,
+    "list": _cmd_list,
 }
 
 
