@@ -347,6 +347,15 @@ class JobRun:
             )
         except SaeCallError as exc:
             return await self._call_failed(exc)
+        if self.job.app_id is not None and order.app_id and order.app_id != self.job.app_id:
+            # Intake checked the source's allowed_apps against the app the request named;
+            # a change order of another app must not ride on that permission.
+            return await self._finish(
+                JobStatus.FAILED,
+                "app_mismatch",
+                f"change order {change_order_id} belongs to app {order.app_id}, "
+                f"not to {self.job.app_id} named in the request",
+            )
         if self.job.app_id is None and order.app_id:
             # Only now is the app known: take the per-app lock before any abort.
             await self._flush_attempt()

@@ -249,6 +249,19 @@ async def test_order_without_rollback_support_fails(
     assert [a.action for a in job.attempts] == [DESCRIBE]
 
 
+async def test_change_order_of_another_app_fails_without_abort(
+    store: Store, client: SaeClient, sim_control: SimControl
+) -> None:
+    """A job naming app A with a change order of app B fails before any abort is sent."""
+    order = await sim_control.create_change_order("app-other")
+    job_id = await enqueue(store, change_order_id=order, app_id="app-allowed")
+    job = await run_one(store, client, job_id)
+    assert job.status is JobStatus.FAILED
+    assert job.error_code == "app_mismatch"
+    assert [a.action for a in job.attempts] == [DESCRIBE]
+    assert (await sim_control.change_order(order))["status"] == 1
+
+
 async def test_dry_run_records_calls_and_calls_nothing(
     store: Store, client: SaeClient, sim_control: SimControl
 ) -> None:
