@@ -1,4 +1,4 @@
-"""The deploy artifacts (deploy/, docs/operations.md) agree with the code they deploy.
+"""The deploy artifacts (deploy/, README.md's operations) agree with the code they deploy.
 
 Nothing here trusts a hand-written list: exposed metric names and labels come from a
 ``Metrics`` registry, config keys and env overrides from ``orchestrator.config``, CLI
@@ -40,7 +40,7 @@ from orchestrator.sae.models import CODE_SUCCESS, CODE_TRANSPORT
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "kubernetes"
-DOCS = REPO / "docs" / "operations.md"
+DOCS = REPO / "README.md"
 IMAGE = f"sae-rollback:{__version__}"
 
 #: Series Prometheus itself adds to every scrape target; the only non-service series allowed.
@@ -444,13 +444,39 @@ def test_alert_rules_cover_what_operators_page_on() -> None:
 
 
 def test_every_alert_has_a_runbook_section_in_the_docs() -> None:
-    """Each `runbook` annotation points at a heading of docs/operations.md."""
-    anchors = {_anchor(h) for h in re.findall(r"^#+\s+(.+)$", DOCS.read_text(), re.MULTILINE)}
+    """Each `runbook` annotation points at a heading of README.md."""
+    anchors = _anchors(DOCS.read_text())
     for rule in alert_rules():
         path, _, anchor = rule["annotations"]["runbook"].partition("#")
-        assert path == "docs/operations.md"
+        assert path == DOCS.relative_to(REPO).as_posix()
         assert anchor == rule["alert"].lower()
-        assert anchor in anchors, f"no heading for {rule['alert']} in docs/operations.md"
+        assert anchor in anchors, f"no heading for {rule['alert']} in {DOCS.name}"
+
+
+def test_the_docs_links_to_their_own_sections_resolve() -> None:
+    """Every `[text](#anchor)` of README.md names one of its headings."""
+    text = DOCS.read_text()
+    anchors = _anchors(text)
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links, "no section links found: is the pattern still right?"
+    assert sorted(set(links) - anchors) == []
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of every heading outside fenced code blocks (repeats get -1, -2, ...)."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        match = None if fenced else re.match(r"#{1,6}\s+(.+)$", line)
+        if match:
+            anchor = _anchor(match.group(1))
+            count = seen.get(anchor, 0)
+            seen[anchor] = count + 1
+            anchors.add(f"{anchor}-{count}" if count else anchor)
+    return anchors
 
 
 def _anchor(heading: str) -> str:
@@ -1227,7 +1253,7 @@ def test_ram_policy_grants_exactly_the_actions_the_client_calls() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# docs/operations.md
+# README.md (the operations section)
 # ---------------------------------------------------------------------------------------
 
 
@@ -1268,7 +1294,7 @@ def _toml(value: Any) -> str:
 
 
 def test_operations_doc_lists_every_config_key_with_default_and_env() -> None:
-    """docs/operations.md has a row per config key with the code's default and env override."""
+    """README.md has a row per config key with the code's default and env override."""
     table = {}
     for line in DOCS.read_text().splitlines():
         cells = (
@@ -1283,7 +1309,7 @@ def test_operations_doc_lists_every_config_key_with_default_and_env() -> None:
             missing.append(f"| `[{section}]` | `{key}` | `{default}` | `{env}` |")
         elif found != (f"`{default}`" if default else "", f"`{env}`" if env else ""):
             wrong.append(f"[{section}] {key}: doc says {found}, code says ({default!r}, {env!r})")
-    assert missing == [], "add these rows to docs/operations.md:\n" + "\n".join(missing)
+    assert missing == [], "add these rows to README.md:\n" + "\n".join(missing)
     assert wrong == []
 
 
