@@ -254,6 +254,15 @@ class Store(Protocol):
         """Counts per status and the age of the oldest due job."""
         ...
 
+    async def maintain(self) -> bool:
+        """Engine housekeeping the worker runs every minute; ``True`` if it did anything.
+
+        PostgreSQL: refresh the planner statistics of ``jobs`` when they are missing or
+        stale (a server with autovacuum off never gets any, and without them the claim
+        plan sorts the whole backlog). SQLite: ``PRAGMA optimize``.
+        """
+        ...
+
     async def prune(self, finished_before: datetime) -> int:
         """Delete terminal jobs finished before the cutoff (with attempts, audit, keys)."""
         ...

@@ -841,6 +841,21 @@ class PostgresStore:
             counts[JobStatus(r["status"])] = r["count"]
         return QueueStats(counts, max(0.0, float(age)))
 
+    async def maintain(self) -> bool:
+        """``ANALYZE jobs`` when it was never analyzed or a tenth of it changed since.
+
+        Autovacuum does this on a default server; with autovacuum off the table never has
+        statistics and the claim plan degrades to sorting every due row (measured: 12.8 ms
+        per claim at 5,000 queued, 1.5 ms after ANALYZE).
+        """
+        with _errors():
+            async with self._p().acquire() as conn:
+                stale = await conn.fetchval(q.JOBS_STATISTICS_STALE)
+                if not stale:
+                    return False
+                await conn.execute("ANALYZE jobs")
+        return True
+
     async def prune(self, finished_before: datetime) -> int:
         """Delete terminal jobs finished before the cutoff, and old job-less audit rows."""
         if finished_before.tzinfo is None:

@@ -480,3 +480,14 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone"""
 PRUNE_JOBLESS_AUDIT: Final = "DELETE FROM audit_events WHERE job_id IS NULL AND at < $1"
+
+# reltuples is -1 until the first ANALYZE (PostgreSQL 14+); n_mod_since_analyze comes
+# from the cumulative statistics, which may lag by a second: good enough for a minute's
+# cadence.
+JOBS_STATISTICS_STALE = """
+SELECT c.reltuples < 0
+       OR coalesce(s.n_mod_since_analyze, 0) > greatest(50, 0.1 * greatest(c.reltuples, 0))
+FROM pg_class c
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'jobs'::regclass
+"""

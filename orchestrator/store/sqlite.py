@@ -972,6 +972,15 @@ class SqliteStore:
 
         return await self._read(fn)
 
+    async def maintain(self) -> bool:
+        """``PRAGMA optimize``: SQLite's own cheap check for statistics worth refreshing."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute("PRAGMA optimize")
+            return True
+
+        return await self._write(op)
+
     async def prune(self, finished_before: datetime) -> int:
         """Delete terminal jobs finished before the cutoff, and old job-less audit rows."""
         cutoff = _to_us(finished_before)

@@ -57,6 +57,8 @@ log = get_logger("orchestrator.worker")
 _STORE_BACKOFF_S: Final = (0.1, 5.0)
 #: Part of the drain grace kept for cancelling and releasing what did not finish.
 _DRAIN_MARGIN_MAX_S: Final = 2.0
+#: How often the store's housekeeping (planner statistics) runs.
+MAINTAIN_INTERVAL_S: Final = 60.0
 
 
 class WorkerCrashed(RollbackError):
@@ -218,6 +220,7 @@ class Worker:
                     "lease_rescue": self._rescue_loop,
                     "gauges": self._gauge_loop,
                     "prune": self._prune_loop,
+                    "store_maintenance": self._maintain_loop,
                 }
                 for name, loop in side.items():
                     group.create_task(self._supervised(name, loop, side_stop), name=name)
@@ -439,6 +442,18 @@ class Worker:
                 self.metrics.jobs.labels(status=str(status)).set(stats.counts.get(status, 0))
             self.metrics.oldest_queued_age.set(stats.oldest_queued_age_s)
             self._waiting_jobs = stats.counts.get(JobStatus.WAITING, 0)
+
+    async def _maintain_loop(self, stop: asyncio.Event) -> None:
+        # Soon after start (a restart with a backlog is when a stale plan hurts most),
+        # then every minute; the check itself is one catalog read.
+        interval = 1.0
+        while not await _stopped(stop, interval):
+            interval = MAINTAIN_INTERVAL_S
+            try:
+                if await self.store.maintain():
+                    log.debug("store_maintained")
+            except StoreError as exc:
+                log.warning("store_maintenance_failed", error=str(exc))
 
     async def _prune_loop(self, stop: asyncio.Event) -> None:
         cfg = self.config
