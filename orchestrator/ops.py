@@ -1,9 +1,9 @@
-"""The operations endpoints of a worker-only process: ``/metrics``, ``/healthz``, ``/readyz``.
+"""The operations endpoints every process serves: ``/metrics``, ``/healthz``, ``/readyz``.
 
-``sae-rollback worker`` serves no API, but Prometheus must scrape its SAE and job metrics
-(they live only in worker processes) and Kubernetes must probe it. The intake app serves
-the same three paths with the same meaning, so one scrape config and one probe spec fit
-every process.
+The intake app mounts them beside its API; ``sae-rollback worker`` serves them alone
+(:func:`build_ops_app`), because Prometheus must scrape its SAE and job metrics (they live
+only in worker processes) and Kubernetes must probe it. One definition, so one scrape
+config and one probe spec fit every process.
 """
 
 from __future__ import annotations
@@ -17,19 +17,26 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from orchestrator.errors import StoreError
+from orchestrator.logging import get_logger
 from orchestrator.metrics import Metrics
 from orchestrator.store import Store
 
 #: How long ``/readyz`` waits for the store before declaring the process not ready.
 READY_TIMEOUT_S: Final = 2.0
+#: ``Retry-After`` of a not-ready answer.
+NOT_READY_RETRY_AFTER_S: Final = 5
+
+log = get_logger("orchestrator.ops")
 
 
-def _json(status: int, body: object) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+def _json(status: int, body: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+    )
 
 
-def build_ops_app(store: Store, metrics: Metrics) -> web.Application:
-    """An app with the three operations endpoints; anything else is a JSON 404."""
+def add_ops_routes(router: web.UrlDispatcher, store: Store, metrics: Metrics) -> None:
+    """Register ``GET /metrics``, ``/healthz`` (liveness) and ``/readyz`` (store reachable)."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
@@ -37,12 +44,22 @@ def build_ops_app(store: Store, metrics: Metrics) -> web.Application:
     async def readyz(_request: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(store.ping(), READY_TIMEOUT_S)
-        except (StoreError, TimeoutError):
+        except (StoreError, TimeoutError) as exc:
+            log.warning("not_ready", error=str(exc) or type(exc).__name__)
             return _json(
                 503,
                 {"error": {"code": "not_ready", "message": "the job store is not reachable"}},
+                {"Retry-After": str(NOT_READY_RETRY_AFTER_S)},
             )
         return _json(200, {"status": "ready"})
+
+    router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+
+
+def build_ops_app(store: Store, metrics: Metrics) -> web.Application:
+    """An app with only the operations endpoints; anything else is a JSON error."""
 
     @web.middleware
     async def json_errors(
@@ -51,13 +68,9 @@ def build_ops_app(store: Store, metrics: Metrics) -> web.Application:
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            return _json(
-                exc.status,
-                {"error": {"code": exc.reason.lower().replace(" ", "_"), "message": exc.reason}},
-            )
+            code = exc.reason.lower().replace(" ", "_")
+            return _json(exc.status, {"error": {"code": code, "message": exc.reason}})
 
     app = web.Application(middlewares=[json_errors])
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    add_ops_routes(app.router, store, metrics)
     return app

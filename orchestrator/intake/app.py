@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import hdrs, web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from orchestrator.config import SourceSettings
 from orchestrator.errors import (
@@ -87,6 +86,7 @@ from orchestrator.intake.schemas import (
 from orchestrator.jobs import EnqueueResult, Job, NewJob
 from orchestrator.logging import get_logger, register_secrets
 from orchestrator.metrics import Metrics
+from orchestrator.ops import add_ops_routes
 from orchestrator.store.base import InvalidCursor, Store
 
 log = get_logger("orchestrator.intake")
@@ -95,8 +95,6 @@ log = get_logger("orchestrator.intake")
 DEFAULT_MAX_IN_FLIGHT: Final = 512
 #: ``Retry-After`` when the store cannot commit: long enough for a restart or a lock to pass.
 STORE_RETRY_AFTER_S: Final = 5
-#: How long ``/readyz`` waits for the store.
-READY_TIMEOUT_S: Final = 2.0
 UNKNOWN_SOURCE: Final = "unknown"
 _READ_CHUNK: Final = 64 * 1024
 
@@ -642,24 +640,6 @@ class _Intake:
         except StoreUnavailable as exc:
             raise _store_down() from exc
 
-    # -- operations -----------------------------------------------------------------------
-
-    async def healthz(self, request: web.Request) -> web.StreamResponse:
-        return _json({"status": "ok"})
-
-    async def readyz(self, request: web.Request) -> web.StreamResponse:
-        try:
-            await asyncio.wait_for(self.store.ping(), READY_TIMEOUT_S)
-        except (StoreError, TimeoutError) as exc:
-            log.warning("not_ready", error=str(exc) or type(exc).__name__)
-            return _error(
-                503,
-                "not_ready",
-                "the job store is not reachable",
-                retry_after_header(STORE_RETRY_AFTER_S),
-            )
-        return _json({"status": "ready"})
-
 
 INTAKE_KEY: Final = web.AppKey("intake", _Intake)
 
@@ -745,8 +725,6 @@ def build_intake_app(
     webhook = intake.intake(intake.webhook)
     app.router.add_post("/v1/webhooks/{source}", webhook)
     app.router.add_put("/v1/webhooks/{source}", webhook)  # Grafana may be set to PUT
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
-    app.router.add_get("/healthz", intake.healthz)
-    app.router.add_get("/readyz", intake.readyz)
+    add_ops_routes(app.router, store, metrics)
     app.router.add_get("/openapi.json", openapi_json)
     return app

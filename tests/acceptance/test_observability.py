@@ -4,7 +4,9 @@
 canary is configured as the SAE access key secret (through the credential chain's
 environment), as an `api` source's bearer token and as a Grafana source's HMAC secret; the
 test runs a real rollback and a few authentication failures, then searches everything the
-process printed, in both log renderers.
+process printed, in both log renderers. It guards the whole path (what any component
+chooses to log or answer); that the redaction processor itself removes secrets handed to
+it is shown by tests/unit/test_logging.py, which fails when the processor is taken out.
 """
 
 from __future__ import annotations
