@@ -314,11 +314,15 @@ class PgQueuerEngine:
     name = "pgqueuer"
     entrypoint = "noop"
 
-    def __init__(self, admin_dsn: str, batch_size: int) -> None:
+    def __init__(
+        self, admin_dsn: str, batch_size: int, job_s: float = 0.0, dbname: str = "bench_pgqueuer"
+    ) -> None:
         self.admin_dsn = admin_dsn
-        self.dbname = "bench_pgqueuer"
+        self.dbname = dbname
         self.dsn = with_database(admin_dsn, self.dbname)
         self.batch_size = batch_size
+        # The job body: a no-op, or an asyncio sleep standing for an I/O call (worker_bench).
+        self.job_s = job_s
         self.details: dict[str, Any] = {}
         self._producer: Any = None  # asyncpg.Connection used for enqueue
         self._queries: Any = None
@@ -360,6 +364,8 @@ class PgQueuerEngine:
         pgq = PgQueuer(AsyncpgDriver(conn))
 
         async def noop(job: Any) -> None:
+            if self.job_s:
+                await asyncio.sleep(self.job_s)
             self._counter += 1
             self._waiter.hit()
 
@@ -420,10 +426,13 @@ class ProcrastinateEngine:
 
     name = "procrastinate"
 
-    def __init__(self, admin_dsn: str) -> None:
+    def __init__(
+        self, admin_dsn: str, job_s: float = 0.0, dbname: str = "bench_procrastinate"
+    ) -> None:
         self.admin_dsn = admin_dsn
-        self.dbname = "bench_procrastinate"
+        self.dbname = dbname
         self.dsn = with_database(admin_dsn, self.dbname)
+        self.job_s = job_s
         self.details: dict[str, Any] = {}
         self._app: Any = None
         self._task: Any = None
@@ -441,6 +450,8 @@ class ProcrastinateEngine:
 
         @app.task(name="noop")
         async def noop() -> None:
+            if self.job_s:
+                await asyncio.sleep(self.job_s)
             self._counter += 1
             self._waiter.hit()
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
+import math
 import os
 import random
 import shutil
@@ -366,6 +368,49 @@ async def bench_throughput(
         }
 
 
+async def bench_peer(
+    name: str, pg_dsn: str, jobs: int, latency_ms: float, concurrency: int
+) -> dict[str, Any]:
+    """The issue's yardsticks in the same run: ``jobs`` queued jobs whose body is an
+    ``asyncio.sleep(latency)`` (one 50 ms "call" and no bookkeeping of ours), drained by the
+    peer's own worker at ``concurrency`` jobs in flight. Its bound is ``concurrency /
+    latency`` jobs/s, with one such call per job."""
+    from bench.store_bench import PgQueuerEngine, ProcrastinateEngine
+
+    job_s = latency_ms / 1000.0
+    dbname = f"bench_worker_{name}_{os.getpid()}"
+    engine: PgQueuerEngine | ProcrastinateEngine
+    if name == "pgqueuer":
+        engine = PgQueuerEngine(pg_dsn, batch_size=10, job_s=job_s, dbname=dbname)
+    elif name == "procrastinate":
+        engine = ProcrastinateEngine(pg_dsn, job_s=job_s, dbname=dbname)
+    else:
+        raise ValueError(f"unknown peer {name!r}; choose pgqueuer or procrastinate")
+    try:
+        await engine.setup()
+        await engine.fill(0, jobs)
+        _progress(f"throughput/{name}: {jobs} jobs queued, running")
+        with timed() as wall:
+            ran = await engine.drain(jobs, concurrency)
+    finally:
+        await engine.teardown()
+    if ran != jobs:
+        raise RuntimeError(f"{name}: ran {ran} of {jobs} jobs")
+    bound = concurrency / job_s
+    return {
+        "engine": name,
+        "version": engine.details.get("version"),
+        "jobs": jobs,
+        "calls": jobs,
+        "wall_s": round(wall.wall_s, 3),
+        "jobs_per_s": round(jobs / wall.wall_s, 1),
+        "calls_per_s": round(jobs / wall.wall_s, 1),
+        "bound_calls_per_s": bound,
+        "calls_pct_of_bound": round(100 * jobs / wall.wall_s / bound, 1),
+        "worker_cpu_share": round(wall.cpu_s / wall.wall_s, 2),
+    }
+
+
 # --------------------------------------------------------------------------- 2. reaction
 
 
@@ -439,14 +484,17 @@ async def _busy_round(
             accepted = [c for c in sim.state.calls if c.change_order_id == orders[k] and c.accepted]
             if accepted:
                 mine = [c for c in sim.state.calls if c.change_order_id == orders[k]]
-                probes = [c for c in mine if c.action == ABORT]
+                probes = sorted(c.at for c in mine if c.action == ABORT)
                 first = min(c.at for c in mine)
+                gaps = [b - a for a, b in itertools.pairwise(probes)]
                 results.append(
                     {
                         "busy_s": round(busy_for[k], 3),
                         "overshoot_s": accepted[0].at - frees[k],
                         "calls": len(mine),
                         "abort_probes": len(probes),
+                        # Start-to-start spacing of the probes as the simulator saw them.
+                        "probe_gap_s": statistics.fmean(gaps) if gaps else None,
                         # Probes per minute while the job waited for the app.
                         "probes_per_min": 60.0
                         * (len(probes) - 1)
@@ -460,47 +508,91 @@ async def _busy_round(
     return results
 
 
-async def bench_busy(trials: int, ten: int, seed: int) -> dict[str, Any]:
-    """Busy-wait overshoot at a 60/min budget, one job at a time, then ``ten`` at once."""
-    rng = random.Random(seed)
-    out: dict[str, Any] = {}
+@contextlib.asynccontextmanager
+async def _busy_lane(concurrency: int = 16) -> AsyncIterator[tuple[SimulatorServer, Store]]:
+    """One account: a simulator throttling above 60 calls/min like SAE, a SQLite store and a
+    worker with ``calls_per_minute = 60``, running for the block."""
     async with (
         SimulatorServer(seed=3, calls_per_minute=60) as sim,
         fresh_store("sqlite", DEFAULT_PG_DSN) as handle,
         client_for(sim.endpoint) as client,
     ):
         config = worker_config(
-            concurrency=16,
+            concurrency=concurrency,
             calls_per_minute=60,
             verify_enabled=False,
             gauge_interval_s=1.0,
         )
         worker = Worker(handle.store, client, Metrics(CollectorRegistry()), config)
         async with running(worker):
-            single: list[dict[str, Any]] = []
-            for t in range(trials):
-                single += await _busy_round(sim, handle.store, [rng.uniform(2, 10)], f"one{t}")
-                _progress(f"busy one-job trial {t + 1}/{trials}: {single[-1]['overshoot_s']:.2f} s")
-            started = time.time()
-            many = await _busy_round(
-                sim, handle.store, [rng.uniform(5, 40) for _ in range(ten)], "ten"
+            yield sim, handle.store
+
+
+async def bench_busy(trials: int, ten: int, seed: int, lanes: int) -> dict[str, Any]:
+    """Busy-wait overshoot at a 60/min budget: one job waiting, then ``ten`` at once.
+
+    "One job waiting" runs in ``lanes`` independent lanes at once, each its own account
+    (simulator, store, worker, budget) with one job waiting at a time, so that the sample is
+    large enough for the median to mean something (a uniform [0, 4 s] overshoot's sample
+    median has a standard error of about 1/sqrt(n) s).
+    """
+    rng = random.Random(seed)
+    out: dict[str, Any] = {}
+    per_lane = [trials // lanes + (1 if k < trials % lanes else 0) for k in range(lanes)]
+    plans = [[rng.uniform(2, 10) for _ in range(n)] for n in per_lane]
+    done = 0
+
+    async def lane(k: int, busy_for: list[float]) -> list[dict[str, Any]]:
+        nonlocal done
+        rows: list[dict[str, Any]] = []
+        async with _busy_lane() as (sim, store):
+            for t, seconds in enumerate(busy_for):
+                rows += await _busy_round(sim, store, [seconds], f"one{k}-{t}")
+                done += 1
+                _progress(f"busy one-job trial {done}/{trials}: {rows[-1]['overshoot_s']:.2f} s")
+            rows[0]["throttled_answers"] = sum(
+                1 for c in sim.state.calls if c.code == "Throttling.User"
             )
-            window = [c for c in sim.state.calls if c.at >= started]
-            throttled = sum(1 for c in sim.state.calls if c.code == "Throttling.User")
-        out["one"] = _busy_summary(single)
-        out["ten"] = _busy_summary(many)
-        span = max(c.at for c in window) - min(c.at for c in window)
-        out["ten"]["calls_per_min_all_jobs"] = round(60 * len(window) / span, 1)
-        out["throttled_answers"] = throttled
-        out["single_trials"] = single
+        return rows
+
+    lane_rows = await asyncio.gather(*(lane(k, plan) for k, plan in enumerate(plans) if plan))
+    single = [row for rows in lane_rows for row in rows]
+    async with _busy_lane() as (sim, store):
+        started = time.time()
+        many = await _busy_round(sim, store, [rng.uniform(5, 40) for _ in range(ten)], "ten")
+        window = [c for c in sim.state.calls if c.at >= started]
+        throttled = sum(1 for c in sim.state.calls if c.code == "Throttling.User")
+    out["one"] = _busy_summary(single)
+    out["one"]["lanes"] = lanes
+    out["one"]["throttled_answers"] = sum(r.pop("throttled_answers", 0) for r in single)
+    out["ten"] = _busy_summary(many)
+    span = max(c.at for c in window) - min(c.at for c in window)
+    out["ten"]["calls_per_min_all_jobs"] = round(60 * len(window) / span, 1)
+    out["throttled_answers"] = throttled + out["one"]["throttled_answers"]
+    out["single_trials"] = single
     return out
+
+
+def _median_ci95(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval for the median (order statistics)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 1.96 * (n**0.5) / 2
+    lo = max(0, int(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half))
+    return ordered[lo], ordered[hi]
 
 
 def _busy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     over = [r["overshoot_s"] for r in rows]
+    lo, hi = _median_ci95(over)
+    gaps = [r["probe_gap_s"] for r in rows if r["probe_gap_s"] is not None]
     return {
         "n": len(rows),
         "overshoot_median_s": round(statistics.median(over), 3),
+        "overshoot_median_ci95_s": [round(lo, 3), round(hi, 3)],
+        "overshoot_mean_s": round(statistics.fmean(over), 3),
+        "probe_gap_mean_s": round(statistics.fmean(gaps), 3) if gaps else None,
         "overshoot_p90_s": round(percentile(over, 90), 3),
         "overshoot_max_s": round(max(over), 3),
         "calls_mean": round(statistics.fmean(r["calls"] for r in rows), 1),
@@ -527,6 +619,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             results["throughput"].append(row)
             _progress(f"throughput/{engine}: {row['jobs_per_s']} jobs/s")
+        results["peers"] = []
+        for peer in [p for p in args.peers.split(",") if p]:
+            row = await bench_peer(peer, args.pg_dsn, args.jobs, args.latency_ms, args.concurrency)
+            results["peers"].append(row)
+            _progress(f"throughput/{peer}: {row['jobs_per_s']} jobs/s")
     if "reaction" in only:
         results["reaction"] = []
         for engine in engines:
@@ -534,14 +631,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["reaction"].append(row)
             _progress(f"reaction/{engine}: median {row['from_commit']['median_ms']:.2f} ms")
     if "busy" in only:
-        results["busy"] = await bench_busy(args.busy_trials, args.busy_jobs, args.seed)
+        results["busy"] = await bench_busy(
+            args.busy_trials, args.busy_jobs, args.seed, args.busy_lanes
+        )
     return results
 
 
 def report(results: dict[str, Any]) -> str:
     """The tables printed at the end."""
     parts = []
-    if "throughput" in results:
+    if results.get("throughput"):
         rows = [
             (
                 r["engine"],
@@ -585,6 +684,25 @@ def report(results: dict[str, Any]) -> str:
                 rows,
             )
         )
+    if results.get("peers"):
+        rows = [
+            (
+                r["engine"],
+                r["version"],
+                r["jobs"],
+                f"{r['jobs_per_s']:,.0f}",
+                f"{r['calls_pct_of_bound']:.0f} %",
+                f"{r['worker_cpu_share']:.2f}",
+            )
+            for r in results["peers"]
+        ]
+        parts.append(
+            "Peers in the same run: each job one {} ms sleep, no SAE call "
+            "(bound {:,.0f} jobs/s)\n".format(
+                results["args"]["latency_ms"], results["peers"][0]["bound_calls_per_s"]
+            )
+            + format_table(["peer", "version", "jobs", "jobs/s", "of bound", "cpu"], rows)
+        )
     if "reaction" in results:
         rows = [
             (
@@ -607,17 +725,35 @@ def report(results: dict[str, Any]) -> str:
                 name,
                 s["n"],
                 f"{s['overshoot_median_s']:.2f}",
+                "{:.2f}-{:.2f}".format(*s["overshoot_median_ci95_s"]),
+                f"{s['overshoot_mean_s']:.2f}",
                 f"{s['overshoot_p90_s']:.2f}",
+                f"{s['probe_gap_mean_s'] or 0:.2f}",
                 f"{s['calls_mean']:.1f}",
                 f"{s['probes_per_min_mean']:.1f}",
                 f"{s['budget_share_pct']:.0f} %",
             )
-            for name, s in (("one job", b["one"]), (f"{b['ten']['n']} at once", b["ten"]))
+            for name, s in (
+                (f"one job ({b['one']['lanes']} lanes)", b["one"]),
+                (f"{b['ten']['n']} at once", b["ten"]),
+            )
         ]
         parts.append(
             "Busy-wait overshoot at 60 calls/min (per job)\n"
             + format_table(
-                ["scenario", "n", "median s", "p90 s", "calls", "probes/min", "budget share"], rows
+                [
+                    "scenario",
+                    "n",
+                    "median s",
+                    "median 95 % CI",
+                    "mean s",
+                    "p90 s",
+                    "probe gap s",
+                    "calls",
+                    "probes/min",
+                    "budget share",
+                ],
+                rows,
             )
             + f"\nall {b['ten']['n']} jobs together: "
             f"{b['ten']['calls_per_min_all_jobs']} calls/min; "
@@ -637,8 +773,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-jobs", type=int, default=None, help="jobs in flight (default 2 x concurrency)"
     )
+    p.add_argument(
+        "--peers",
+        default="pgqueuer,procrastinate",
+        help="queues run beside ours in the throughput scenario ('' for none)",
+    )
     p.add_argument("--reaction-samples", type=int, default=100)
-    p.add_argument("--busy-trials", type=int, default=40)
+    p.add_argument("--busy-trials", type=int, default=400)
+    p.add_argument(
+        "--busy-lanes",
+        type=int,
+        default=20,
+        help="independent accounts running the one-job trials side by side",
+    )
     p.add_argument("--busy-jobs", type=int, default=10)
     p.add_argument("--seed", type=int, default=4)
     p.add_argument("--pg-dsn", default=os.environ.get(PG_DSN_ENV, DEFAULT_PG_DSN))

@@ -36,3 +36,25 @@ async def test_reaction_run_samples_each_job() -> None:
     summary = row["from_commit"]
     assert summary["n"] == 3
     assert 0 < summary["median_ms"] < 1000
+
+
+async def test_throughput_never_has_more_calls_on_the_wire_than_call_slots() -> None:
+    """Little's law on the recorded call times stays within ``concurrency``."""
+    row = await worker_bench.bench_throughput(
+        "sqlite", worker_bench.DEFAULT_PG_DSN, jobs=20, latency_ms=5, concurrency=4
+    )
+    assert 0 < row["calls_in_flight_mean"] <= 4.0 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (list(range(1, 101)), (41, 61)),
+        ([1, 2, 3], (1, 3)),
+    ],
+)
+def test_median_confidence_interval_brackets_the_median(
+    values: list[int], expected: tuple[int, int]
+) -> None:
+    """Order statistics n/2 -+ 1.96 sqrt(n)/2, clamped to the sample."""
+    assert worker_bench._median_ci95([float(v) for v in values]) == expected
