@@ -476,14 +476,16 @@ class _Simulator:
         fault: Fault,
     ) -> web.StreamResponse:
         record.fault = fault.mode or "latency"
+        if fault.apply and fault.mode is not None:
+            # "The call takes effect first and only its answer is lost": before any latency,
+            # so another client's call during the pause already sees its effect.
+            self._apply(route, params, record)
         if fault.latency_s > 0:
             # Like a real server, the call proceeds even if the client gave up meanwhile: a
             # read timeout on the client side is an ambiguous outcome.
             await self._pause(fault.latency_s)
         if fault.mode is None:
             return self._run(request, route, params, record)
-        if fault.apply:
-            self._apply(route, params, record)
         if fault.mode == "error":
             assert fault.code is not None  # parse_fault always sets a code for errors
             err = api_error(fault.code, http_status=fault.http_status)

@@ -276,6 +276,23 @@ async def test_apply_true_with_hang_aborts_while_the_call_hangs(
     assert (await sim_control.change_order(order_id))["aborted_at"] is not None
 
 
+async def test_apply_true_takes_effect_before_the_latency(
+    signed: SignedClient, sim_control: SimControl
+) -> None:
+    """With apply and a latency, the effect comes first: a second abort during the pause
+    already finds the order rolling back (what a worker taking over a hung call sees)."""
+    order_id = await sim_control.create_change_order("app", rollback_s=30)
+    await sim_control.add_fault(action=ABORT, mode="reset", latency_ms=800, apply=True)
+    slow = asyncio.create_task(signed.abort(order_id))
+    await asyncio.sleep(0.2)
+    assert (await sim_control.change_order(order_id))["aborted_at"] is not None
+    second = await signed.abort(order_id)
+    assert (second.status, second.json()["Code"]) == (400, "Application.ChangerOrder.Not.Running")
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await slow
+    assert sum(1 for call in await sim_control.calls() if call["accepted"]) == 1
+
+
 async def test_faults_can_be_listed_and_cleared(
     signed: SignedClient, sim_control: SimControl
 ) -> None:
