@@ -530,9 +530,12 @@ class PostgresStore:
     async def cancel(self, job_id: str, reason: str, by: str) -> Job:
         """Cancel a queued/waiting job."""
         with _errors():
-            row = await self._p().fetchrow(q.CANCEL, job_id, reason, by)
-            if row is not None:
-                return _job(row)
+            async with self._p().acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(q.CANCEL, job_id, reason, by)
+                if row is not None:
+                    # The whole job, as GET shows it: a cancelled waiting job keeps its attempts.
+                    attempts = await conn.fetch(q.ATTEMPTS_OF_JOB, job_id)
+                    return _job(row, tuple(_attempt(a) for a in attempts))
             state = await self._p().fetchrow(q.LEASE_STATE, job_id)
         if state is None:
             raise JobNotFound(f"no job {job_id}")

@@ -1064,7 +1064,9 @@ def _cancel(conn: sqlite3.Connection, job_id: str, reason: str, by: str) -> Job:
             raise JobNotFound(f"no job {job_id}")
         raise InvalidTransition(f"job {job_id} is {state[0]}: only queued/waiting can be cancelled")
     _audit(conn, job_id, AuditKind.CANCELLED, by, {"reason": reason}, now)
-    return _job(rows[0])
+    # The whole job, as GET shows it: a cancelled waiting job keeps the attempts it made.
+    attempts = conn.execute(q.ATTEMPTS_OF_JOB, {"id": job_id}).fetchall()
+    return _job(rows[0], tuple(_attempt(a) for a in attempts))
 
 
 def _check_fill_only(job: Job, change_order_id: str | None, app_id: str | None) -> None:

@@ -10,7 +10,7 @@ from orchestrator.errors import InvalidTransition, JobNotFound
 from orchestrator.jobs import AuditKind, JobStatus
 from orchestrator.store import Store
 from tests.contract.engines import Engine
-from tests.contract.helpers import claim_one, new_job
+from tests.contract.helpers import attempt, claim_one, new_job
 
 
 async def test_enqueue_creates_a_queued_due_job_and_audits_it(store: Store) -> None:
@@ -166,11 +166,20 @@ async def test_cancel_queued_and_waiting_jobs(store: Store) -> None:
     c = await store.claim("w1", 30, 10)
     waiting = next(x for x in c if x.job.change_order_id == "co-2")
     running = next(x for x in c if x.job.change_order_id == "co-1")
-    await store.schedule_retry(waiting.job.id, waiting.token, delay_s=60)
+    await store.schedule_retry(
+        waiting.job.id,
+        waiting.token,
+        delay_s=60,
+        attempt=attempt(code="Application.ChangerOrderRunning"),
+    )
     await store.release(running.job.id, running.token)
 
     for job_id in (queued.id, waiting.job.id):
+        before = await store.get(job_id)
         cancelled = await store.cancel(job_id, "resolved", "bob")
+        # The answer is the whole job, attempts included (what the API returns).
+        assert cancelled.attempts == before.attempts
+        assert len(cancelled.attempts) == (1 if job_id == waiting.job.id else 0)
         assert cancelled.status is JobStatus.CANCELLED
         assert cancelled.finished_at is not None
         assert cancelled.next_attempt_at is None
