@@ -34,7 +34,6 @@ from orchestrator.sae import signer
 from orchestrator.sae.credentials import Credentials, CredentialsProvider
 from orchestrator.sae.errors import (
     SaeCallError,
-    SaePermanentError,
     SaeTransportError,
     TransportKind,
     classify,
@@ -302,10 +301,10 @@ class SaeClient:
                 trace_id=None,
                 duration_s=self._monotonic() - start,
                 started_at=started_at,
-                classification=Classification.PERMANENT,
+                classification=Classification.TRANSPORT,
             )
             self._notify(outcome)
-            raise SaePermanentError(outcome) from exc
+            raise SaeTransportError(outcome, TransportKind.CREDENTIALS) from exc
 
         headers = self._headers(action, credentials, started_at, body, content_type)
         headers["Authorization"] = signer.sign_request(

@@ -107,11 +107,19 @@ class TransportKind(enum.StrEnum):
     RESET = "reset"  # the connection dropped after the request was (possibly) sent
     BAD_BODY = "bad_body"  # an answer came but it is not a JSON object (proxy HTML page)
     OTHER = "other"  # any other client-side failure during the exchange
+    # The credential source (ECS metadata, STS for RRSA, a profile file) failed: nothing was
+    # signed or sent. Retried like a connect error: a metadata-service blip must not fail a
+    # rollback for good, and a chain that stays empty fails the job at max_elapsed_s.
+    CREDENTIALS = "credentials"
 
     @property
     def ambiguous(self) -> bool:
         """True unless the request certainly never reached the server."""
-        return self not in (TransportKind.CONNECT, TransportKind.CONNECT_TIMEOUT)
+        return self not in (
+            TransportKind.CONNECT,
+            TransportKind.CONNECT_TIMEOUT,
+            TransportKind.CREDENTIALS,
+        )
 
 
 class SaeCallError(SaeError):

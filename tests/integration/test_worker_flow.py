@@ -101,6 +101,46 @@ async def test_throttled_call_is_retried(
     assert await accepted_aborts(sim_control, order) == 1
 
 
+async def test_credential_source_outage_is_retried_not_failed(
+    store: Store, simulator: SimulatorServer, sim_control: SimControl
+) -> None:
+    """The credential chain failing twice (a metadata-service blip) delays the rollback; it
+    does not fail it. Nothing reaches SAE until credentials come back; one accepted abort."""
+    from orchestrator.sae import Credentials, CredentialsError, SaeClient
+    from orchestrator.sae.credentials import StaticCredentials
+
+    from .worker_harness import TEST_ACCESS_KEY_ID, TEST_ACCESS_KEY_SECRET
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.failures = 2
+            self.good = StaticCredentials(TEST_ACCESS_KEY_ID, TEST_ACCESS_KEY_SECRET)
+
+        async def get(self) -> Credentials:
+            if self.failures:
+                self.failures -= 1
+                raise CredentialsError("ECS metadata service: connection refused")
+            return await self.good.get()
+
+    order = await sim_control.create_change_order("app-creds", rollback_s=0.1)
+    job_id = await enqueue(store, change_order_id=order)
+    flaky = SaeClient(
+        region="cn-hangzhou",
+        credentials=Flaky(),
+        endpoint=simulator.endpoint,
+        protocol="http",
+        connect_timeout_s=0.5,
+        read_timeout_s=1.0,
+    )
+    async with flaky:
+        job = await run_one(store, flaky, job_id)
+    assert job.status is JobStatus.SUCCEEDED, job.to_dict()
+    codes = [(a.action, a.code, a.outcome) for a in job.attempts[:2]]
+    assert codes == [(DESCRIBE, "InvalidCredentials", AttemptOutcome.RETRY)] * 2
+    assert all(a.request_id is None for a in job.attempts[:2])  # never sent
+    assert await accepted_aborts(sim_control, order) == 1
+
+
 async def test_three_503s_are_retried_with_reconcile(
     store: Store, client: SaeClient, sim_control: SimControl
 ) -> None:

@@ -34,6 +34,7 @@ from orchestrator.sae.errors import (
     SaeTransportError,
     TransportKind,
     is_ambiguous,
+    is_retryable,
 )
 from orchestrator.sae.models import CallOutcome, Classification
 from orchestrator.sae.transport import (
@@ -415,8 +416,9 @@ async def test_credentials_are_fetched_on_every_call() -> None:
     assert transport.requests[0].headers["x-acs-credentials-provider"] == "default/oidc_role_arn"
 
 
-async def test_credentials_failure_is_permanent_without_calling_sae() -> None:
-    """No credentials: SaePermanentError (code InvalidCredentials), nothing sent, hook told."""
+async def test_credentials_failure_is_a_retryable_unsent_call() -> None:
+    """No credentials: SaeTransportError (kind credentials, code InvalidCredentials), nothing
+    sent so not ambiguous, retryable (a metadata-service blip must not fail a rollback)."""
 
     class Broken:
         async def get(self) -> Credentials:
@@ -428,11 +430,14 @@ async def test_credentials_failure_is_permanent_without_calling_sae() -> None:
         region="cn-hangzhou", credentials=Broken(), transport=transport, on_call=seen.append
     )
     async with client:
-        with pytest.raises(SaePermanentError) as info:
+        with pytest.raises(SaeTransportError) as info:
             await client.describe_change_order("c")
     assert transport.requests == []
+    assert info.value.kind is TransportKind.CREDENTIALS
     assert info.value.code == "InvalidCredentials"
     assert info.value.http_status is None
+    assert is_retryable(info.value)
+    assert not is_ambiguous(info.value)
     assert "chain empty" in str(info.value)
     assert isinstance(info.value.__cause__, CredentialsError)
     assert [o.code for o in seen] == ["InvalidCredentials"]
