@@ -191,6 +191,14 @@ def _build_section(
     unknown = set(table) - set(known)
     if unknown:
         raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+    # A misspelt override is an error like a misspelt key, not silently ignored.
+    env_prefix = f"{ENV_PREFIX}{section}_".upper()
+    known_env = {f"{env_prefix}{name}".upper() for name in known}
+    unknown_env = sorted(k for k in env if k.startswith(env_prefix) and k not in known_env)
+    if unknown_env:
+        raise ConfigError(
+            f"unknown environment override(s) for [{section}]: {', '.join(unknown_env)}"
+        )
     values: dict[str, Any] = {}
     for name, f in known.items():
         default = f.default

@@ -72,6 +72,25 @@ def test_env_overrides_file_values() -> None:
         parse_settings({}, env={"SAE_ROLLBACK_WORKER_CONCURRENCY": "many"})
 
 
+def test_misspelt_env_override_is_an_error_and_other_variables_are_not() -> None:
+    """SAE_ROLLBACK_<SECTION>_<typo> is refused like a misspelt key; the CLI's own variables
+    (SAE_ROLLBACK_SERVER, _TOKEN, _CONFIG) and the test/bench ones are not config keys."""
+    with pytest.raises(ConfigError) as info:
+        parse_settings({}, env={"SAE_ROLLBACK_WORKER_CONCURENCY": "4"})
+    assert str(info.value) == (
+        "unknown environment override(s) for [worker]: SAE_ROLLBACK_WORKER_CONCURENCY"
+    )
+    others = {
+        "SAE_ROLLBACK_SERVER": "http://127.0.0.1:8080",
+        "SAE_ROLLBACK_TOKEN": "t",
+        "SAE_ROLLBACK_CONFIG": "c.toml",
+        "SAE_ROLLBACK_TEST_PG_DSN": "postgresql://x",
+        "SAE_ROLLBACK_REQUIRE_PG": "1",
+        "SAE_ROLLBACK_SERVER_PORT": "9000",
+    }
+    assert parse_settings({}, env=others).server.port == 9000
+
+
 def test_secrets_load_from_files_relative_to_the_config(tmp_path: Path) -> None:
     """token_file is read relative to the config file and trimmed; the value never shows in repr."""
     (tmp_path / "am.token").write_text("s3cret-token\n")
