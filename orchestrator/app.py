@@ -26,6 +26,7 @@ from aiohttp import web
 from orchestrator.config import Settings
 from orchestrator.logging import get_logger, register_secrets
 from orchestrator.metrics import Metrics
+from orchestrator.ops import JsonErrorAppRunner, run_job_gauges
 from orchestrator.sae import (
     CallOutcome,
     CredentialsProvider,
@@ -109,6 +110,9 @@ async def run_service(
         raise ValueError("run_service needs intake, worker or both")
     register_secrets(_source_secrets(settings))
     metrics = Metrics()
+    # The configured budget, from every process (an API alone included) so the dashboard's
+    # budget line does not drop to 0 when only API processes are up.
+    metrics.api_budget_per_minute.set(settings.sae.calls_per_minute)
     tuning = {}
     if not settings.store.url.startswith("sqlite"):
         # A worker leases up to 2 x concurrency jobs and each may hold a connection for a
@@ -177,7 +181,7 @@ async def _run_parts(
         from orchestrator.ops import build_ops_app
 
         web_app = build_ops_app(store, metrics)
-    runner = web.AppRunner(
+    runner = JsonErrorAppRunner(
         web_app,
         shutdown_timeout=settings.server.shutdown_grace_s,
         access_log=None,
@@ -222,7 +226,10 @@ async def _run_parts(
                 if worker:
                     tasks.create_task(_run_worker(settings, store, client, metrics, stop))
                 else:
-                    tasks.create_task(stop.wait())
+                    # The worker refreshes the store-wide gauges where there is one; an
+                    # API alone must too, or "every worker is down" would read as an empty,
+                    # young queue on the dashboards and never raise the queue-age alert.
+                    tasks.create_task(run_job_gauges(store, metrics, stop))
         except ExceptionGroup as group:
             # Callers (the CLI) handle our own error types; a TaskGroup wraps them.
             raise group.exceptions[0] from group

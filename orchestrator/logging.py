@@ -125,22 +125,76 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    level_no = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             _scrub_exception,
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # Libraries log through the standard library (aiohttp's server and client, asyncpg, the
+    # Alibaba credentials chain). Route them through the same processors: one line per
+    # record in the same format, and the same redaction: an aiohttp error may quote a header.
+    # They are chatty at INFO, so below WARNING only when debugging.
+    handler = _StderrHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                _component_from_logger_name,
+                timestamper,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _scrub_exception,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, _OURS, False):
+            root.removeHandler(existing)
+    setattr(handler, _OURS, True)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if level_no <= logging.DEBUG else logging.WARNING)
+
+
+# Marks the root handler configure_logging installed, so a second call replaces it.
+_OURS: Final = "_sae_rollback_handler"
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to ``sys.stderr`` as it is at each record, not as it was at
+    set-up (like structlog's own output; tests and embedders swap the stream)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        """StreamHandler.__init__ assigns the stream; there is nothing to keep."""
+
+
+def _component_from_logger_name(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    record = event_dict.get("_record")
+    if isinstance(record, logging.LogRecord):
+        event_dict["component"] = record.name
+    return event_dict
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:

@@ -4,11 +4,16 @@ The intake app mounts them beside its API; ``sae-rollback worker`` serves them a
 (:func:`build_ops_app`), because Prometheus must scrape its SAE and job metrics (they live
 only in worker processes) and Kubernetes must probe it. One definition, so one scrape
 config and one probe spec fit every process.
+
+The store-wide gauges (``sae_rollback_jobs``, ``sae_rollback_oldest_queued_age_seconds``)
+are refreshed by every process, ``api`` included (:func:`run_job_gauges`): when every worker
+is down, the API processes are the ones left to show the queue ageing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -17,6 +22,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from orchestrator.errors import StoreError
+from orchestrator.jobs import JobStatus, QueueStats
 from orchestrator.logging import get_logger
 from orchestrator.metrics import Metrics
 from orchestrator.store import Store
@@ -25,6 +31,8 @@ from orchestrator.store import Store
 READY_TIMEOUT_S: Final = 2.0
 #: ``Retry-After`` of a not-ready answer.
 NOT_READY_RETRY_AFTER_S: Final = 5
+#: How often a process without a worker refreshes the store-wide job gauges.
+GAUGE_INTERVAL_S: Final = 5.0
 
 log = get_logger("orchestrator.ops")
 
@@ -58,6 +66,52 @@ def add_ops_routes(router: web.UrlDispatcher, store: Store, metrics: Metrics) ->
     router.add_get("/readyz", readyz)
 
 
+class _JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse with our JSON error.
+
+    A request line or header over aiohttp's limits, or bytes that are not HTTP, never reach
+    the application or its middlewares: aiohttp answers them itself with a text/plain body
+    (which may quote the offending header) and logs a traceback. Here they get the API's
+    error shape and one warning line.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            log.error("http_internal_error", error=repr(exc) if exc else message)
+            code, text = "internal", "internal error; the request was not processed"
+        else:
+            log.warning("http_malformed_request", status=status, reason=type(exc).__name__)
+            code = "malformed_request"
+            text = "the request is not valid HTTP or exceeds a size limit (line, header)"
+        if request.writer.output_size > 0:
+            # Part of a response is out already: the connection can only be dropped.
+            raise ConnectionError("response already started; cannot send an error")
+        response = _json(status, {"error": {"code": code, "message": text}})
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """An AppRunner whose connections answer unparseable requests with a JSON error."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same object, one method different: the server builds our connection handler.
+        server.__class__ = _JsonErrorServer
+        return server
+
+
 def build_ops_app(store: Store, metrics: Metrics) -> web.Application:
     """An app with only the operations endpoints; anything else is a JSON error."""
 
@@ -74,3 +128,29 @@ def build_ops_app(store: Store, metrics: Metrics) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     add_ops_routes(app.router, store, metrics)
     return app
+
+
+async def refresh_job_gauges(store: Store, metrics: Metrics) -> QueueStats:
+    """Read the queue's counts once and set the store-wide gauges from them."""
+    stats = await store.stats()
+    for status in JobStatus:
+        metrics.jobs.labels(status=str(status)).set(stats.counts.get(status, 0))
+    metrics.oldest_queued_age.set(stats.oldest_queued_age_s)
+    return stats
+
+
+async def run_job_gauges(
+    store: Store, metrics: Metrics, stop: asyncio.Event, interval_s: float = GAUGE_INTERVAL_S
+) -> None:
+    """Refresh the job gauges at once and then every ``interval_s`` until ``stop`` is set.
+
+    A store outage is logged and skipped (the gauges keep their last values; ``/readyz``
+    is what reports the outage).
+    """
+    while not stop.is_set():
+        try:
+            await refresh_job_gauges(store, metrics)
+        except StoreError as exc:
+            log.warning("gauges_failed", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)

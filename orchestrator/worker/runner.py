@@ -44,6 +44,7 @@ from orchestrator.errors import LeaseLost, RollbackError, StoreError
 from orchestrator.jobs import Claimed, JobStatus
 from orchestrator.logging import get_logger
 from orchestrator.metrics import Metrics
+from orchestrator.ops import refresh_job_gauges
 from orchestrator.store.base import Store
 from orchestrator.worker.budget import CallBudget, make_budget
 from orchestrator.worker.retry import RetryPolicy
@@ -434,13 +435,10 @@ class Worker:
         while not await _stopped(stop, interval):
             interval = cfg.gauge_interval_s
             try:
-                stats = await self.store.stats()
+                stats = await refresh_job_gauges(self.store, self.metrics)
             except StoreError as exc:
                 log.warning("gauges_failed", error=str(exc))
                 continue
-            for status in JobStatus:
-                self.metrics.jobs.labels(status=str(status)).set(stats.counts.get(status, 0))
-            self.metrics.oldest_queued_age.set(stats.oldest_queued_age_s)
             self._waiting_jobs = stats.counts.get(JobStatus.WAITING, 0)
 
     async def _maintain_loop(self, stop: asyncio.Event) -> None:

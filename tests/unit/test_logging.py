@@ -72,3 +72,36 @@ def test_loggers_created_before_configuration_are_redacted(
     err = capsys.readouterr().err
     assert "early_event" in err
     assert CANARY not in err
+
+
+@pytest.mark.parametrize("json", [True, False])
+def test_library_logs_take_the_same_path_and_are_redacted(
+    json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A standard-library record (aiohttp, asyncpg, the credentials chain) is one line in the
+    same format, named by its logger, with secrets removed, its traceback included."""
+    import logging
+
+    configure_logging(json=json, level="info")
+    library = logging.getLogger("aiohttp.server")
+    library.info("chatty below WARNING")  # not shown at level info
+    try:
+        raise ValueError(f"bad header Authorization: Bearer {CANARY}")
+    except ValueError:
+        library.exception("Error handling request from %s", "127.0.0.1")
+    err = capsys.readouterr().err
+    assert CANARY not in err
+    assert "chatty" not in err
+    if json:
+        import json as jsonlib
+
+        [line] = err.strip().splitlines()
+        record = jsonlib.loads(line)
+        assert record["component"] == "aiohttp.server"
+        assert record["event"] == "Error handling request from 127.0.0.1"
+        assert record["level"] == "error"
+        assert "ValueError" in record["exception"]
+        assert REDACTED in record["exception"]
+    else:
+        assert "aiohttp.server" in err
+        assert "Error handling request from 127.0.0.1" in err
