@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Final, NoReturn, TypeVar
 
 from orchestrator import __version__
 from orchestrator.config import Settings, load_settings
@@ -47,14 +48,13 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="sae-rollback", description="Rollback orchestrator for Alibaba Cloud SAE."
     )
     parser.add_argument("--version", action="version", version=f"sae-rollback {__version__}")
-    parser.add_argument(
-        "--log-format",
-        choices=("auto", "json", "console"),
-        default="auto",
-        help="log renderer (auto: console on a terminal, JSON lines otherwise)",
-    )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    _add_logging_args(parser, defaults=True)
+    # The same options after the subcommand (`sae-rollback worker --log-format console`);
+    # SUPPRESS keeps a subcommand that does not repeat them from resetting the top level's.
+    logging_opts = _Parser(add_help=False)
+    _add_logging_args(logging_opts, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parser = functools.partial(sub.add_parser, parents=[logging_opts])
 
     for name, text in (
         ("serve", "run intake and worker in one process"),
@@ -62,12 +62,17 @@ def _build_parser() -> argparse.ArgumentParser:
         ("worker", "run the worker only (scale out on PostgreSQL)"),
         ("migrate", "create or upgrade the store schema"),
     ):
-        _add_config_arg(sub.add_parser(name, help=text, description=text))
+        _add_config_arg(add_parser(name, help=text, description=text))
 
-    sim = sub.add_parser("simulate", help="run the SAE simulator")
+    sim = add_parser("simulate", help="run the SAE simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=18080)
-    sim.add_argument("--access-key-id", default=None)
+    sim.add_argument(
+        "--access-key-id",
+        default=None,
+        help="the key clients must sign with (default: a published test-only key, printed "
+        "at start)",
+    )
     sim.add_argument("--access-key-secret", default=None)
     sim.add_argument("--seed", type=int, default=None)
     sim.add_argument(
@@ -80,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-demo", action="store_true", help="do not create demo-app with a running change order"
     )
 
-    submit = sub.add_parser(
+    submit = add_parser(
         "submit", help="request a rollback through the API", description="enqueue a rollback"
     )
     target = submit.add_mutually_exclusive_group(required=True)
@@ -92,19 +97,33 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_client_args(submit)
 
-    status = sub.add_parser(
+    status = add_parser(
         "status", help="show one rollback job and its attempts", description="show one job"
     )
     status.add_argument("id", help="the job id printed by submit")
     _add_client_args(status)
 
-    listing = sub.add_parser("list", help="list rollback jobs", description="list jobs")
+    listing = add_parser("list", help="list rollback jobs", description="list jobs")
     listing.add_argument("--status", choices=[s.value for s in JobStatus], default=None)
     listing.add_argument("--app-id", default=None)
     listing.add_argument("--limit", type=int, default=None, help="page size (1-1000)")
     listing.add_argument("--cursor", default=None, help="next_cursor of the previous page")
     _add_client_args(listing)
     return parser
+
+
+def _add_logging_args(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto" if defaults else argparse.SUPPRESS,
+        help="log renderer (auto: console on a terminal, JSON lines otherwise)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info" if defaults else argparse.SUPPRESS,
+        help="debug, info, warning or error",
+    )
 
 
 def _add_client_args(parser: argparse.ArgumentParser) -> None:
@@ -211,6 +230,15 @@ async def _cmd_simulate(args: argparse.Namespace, stop: asyncio.Event) -> int:
         args.access_key_id or DEFAULT_ACCESS_KEY_ID: args.access_key_secret
         or DEFAULT_ACCESS_KEY_SECRET
     }
+    if args.access_key_id is None:
+        # The default key is public and test-only; a newcomer needs it to point a worker
+        # (or the official SDK) at this simulator.
+        print(
+            "simulator test-only key: "
+            f"ALIBABA_CLOUD_ACCESS_KEY_ID={DEFAULT_ACCESS_KEY_ID} "
+            f"ALIBABA_CLOUD_ACCESS_KEY_SECRET={DEFAULT_ACCESS_KEY_SECRET}",
+            flush=True,
+        )
     server = asyncio.ensure_future(
         serve_forever(
             args.host,
@@ -249,7 +277,12 @@ async def _cmd_submit(args: argparse.Namespace, stop: asyncio.Event) -> int:
     else:
         what = "already queued as" if submitted.deduplicated else "accepted:"
         print(f"rollback {what} job {job.get('id')} ({job.get('status')})")
-        print(f"follow it with: sae-rollback status {job.get('id')} --server {args.server}")
+        hint = f"sae-rollback status {job.get('id')} --server {args.server}"
+        if args.token and args.token != os.environ.get("SAE_ROLLBACK_TOKEN"):
+            # The token came from --token: the follow-up needs it too. Not echoed (it is a
+            # secret and stdout may be a CI log); the environment variable is the easy way.
+            hint += " --token TOKEN  (the same token; or export SAE_ROLLBACK_TOKEN)"
+        print(f"follow it with: {hint}")
     return EXIT_OK
 
 
@@ -277,6 +310,8 @@ async def _cmd_list(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 _T = TypeVar("_T")
+#: API answers that mean the command line itself was wrong (exit 2, not 1).
+_USAGE_STATUSES: Final = frozenset({400, 413, 415, 422})
 
 
 async def _api_call(args: argparse.Namespace, call: Awaitable[_T]) -> _T:
@@ -290,6 +325,9 @@ async def _api_call(args: argparse.Namespace, call: Awaitable[_T]) -> _T:
             raise ApiClientError(
                 f"{exc} (pass --token or set SAE_ROLLBACK_TOKEN)", status=401, code=exc.code
             ) from exc
+        if exc.status in _USAGE_STATUSES:
+            # The server refused what was typed (a malformed id, a bad filter): bad usage.
+            raise ConfigError(str(exc)) from exc
         raise
 
 
@@ -316,6 +354,11 @@ async def _run_until_signalled(command: Command, args: argparse.Namespace) -> in
 
     def on_signal() -> None:
         if stop.is_set():
+            print(
+                "sae-rollback: second signal: stopping now, without waiting for running work",
+                file=sys.stderr,
+                flush=True,
+            )
             task.cancel()
         else:
             log.info("shutdown_requested")

@@ -270,6 +270,40 @@ async def test_sigterm_drains_in_flight_jobs_and_exits_zero(
         await store.close()
 
 
+async def test_second_sigterm_stops_at_once_and_says_so(
+    tmp_path: Path, simulator: SimulatorServer
+) -> None:
+    """A second signal while draining: exit 1 now, with a one-line reason on stderr."""
+    store_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    config = write_config(tmp_path, store_url, simulator.endpoint, verify=False, grace_s=30)
+    # A call that stays on the wire for 15 s, so the drain would wait for it.
+    text = config.read_text().replace("read_timeout_s = 1", "read_timeout_s = 20")
+    config.write_text(text.replace(f"lease_s = {LEASE_S}", "lease_s = 30"))
+    await migrate(config, tmp_path)
+    order = simulator.state.create_change_order("impatient-app").change_order_id
+    simulator.faults.add(_latency_fault(ABORT, 15_000))
+    store = open_store(store_url)
+    await store.open()
+    worker = None
+    try:
+        await enqueue(store, order)
+        worker = await start_worker(config, tmp_path, "impatient")
+        deadline = time.monotonic() + 20
+        while not any(c.action == ABORT for c in simulator.state.calls):
+            assert time.monotonic() < deadline, "the abort did not start"
+            await asyncio.sleep(0.02)
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert worker.proc.returncode is None  # draining: waiting for the call
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.proc.wait(), 5) == 1
+        assert "sae-rollback: second signal: stopping now" in worker.log.read_text()
+    finally:
+        if worker is not None:
+            await worker.stop()
+        await store.close()
+
+
 @pytest.mark.postgres
 async def test_two_workers_on_postgres_never_run_one_app_twice(
     tmp_path: Path, simulator: SimulatorServer
@@ -332,6 +366,57 @@ async def test_two_workers_on_postgres_never_run_one_app_twice(
                 finally:
                     await worker.stop()
             await store.close()
+
+
+async def test_api_alone_reports_the_queue_while_no_worker_runs(
+    tmp_path: Path, simulator: SimulatorServer
+) -> None:
+    """Every worker down, only `sae-rollback api` up: its /metrics still shows the queued job
+    and its age growing (what the queue-age alert and the dashboard read), and the budget."""
+    import aiohttp
+
+    store_url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    config = write_config(tmp_path, store_url, simulator.endpoint)
+    text = config.read_text().replace("calls_per_minute = 0", "calls_per_minute = 42")
+    config.write_text(
+        text + '\n[sources.ops]\nkind = "api"\ntoken = "t0k3n-for-the-api"\nallowed_apps = ["*"]\n'
+    )
+    port = int(text.split("port = ")[1].split()[0])
+    await migrate(config, tmp_path)
+    store = open_store(store_url)
+    await store.open()
+    log = tmp_path / "api.log"
+    proc = await run_cli("api", "--config", str(config), env=child_env(), log=log)
+    try:
+        await enqueue(store, "co-nobody-claims")
+        deadline = time.monotonic() + 20
+        queued = age = budget = None
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                        body = await resp.text()
+                except aiohttp.ClientConnectionError:
+                    assert proc.returncode is None, log.read_text()
+                    await asyncio.sleep(0.1)
+                    continue
+                values = dict(
+                    line.rsplit(" ", 1) for line in body.splitlines() if line[:1] not in ("#", "")
+                )
+                queued = float(values['sae_rollback_jobs{status="queued"}'])
+                age = float(values["sae_rollback_oldest_queued_age_seconds"])
+                budget = float(values["sae_rollback_api_budget_per_minute"])
+                if queued == 1 and age > 0:
+                    break
+                await asyncio.sleep(0.2)
+        assert (queued, budget) == (1, 42), log.read_text()
+        assert age is not None
+        assert age > 0
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+        await store.close()
 
 
 async def _runs(store: Store, job_id: str) -> list[tuple[datetime, datetime, str]]:

@@ -111,6 +111,44 @@ async def test_cli_failures_exit_1_with_one_line_and_usage_errors_exit_2(api: Ap
     assert await api.job_count() == 0
 
 
+async def test_input_the_server_refuses_is_a_usage_error(api: Api) -> None:
+    """An app id the API rejects (422) exits 2 with the server's reason on one line."""
+    bad = await cli("submit", "--app-id", "bad id!", "--server", api.base, "--token", BOT_TOKEN)
+    assert bad.code == 2
+    assert bad.err.count("\n") == 1
+    assert "HTTP 422" in bad.err
+    assert await api.job_count() == 0
+
+
+async def test_submit_hint_works_as_printed(api: Api) -> None:
+    """The follow-up line names what status needs: with --token it asks for the token."""
+    flag = await cli("submit", "--app-id", "app-a", "--server", api.base, "--token", BOT_TOKEN)
+    hint = flag.out.splitlines()[1]
+    assert hint.startswith("follow it with: sae-rollback status ")
+    assert "--token TOKEN" in hint
+    assert BOT_TOKEN not in flag.out  # a secret is never echoed
+    env = await cli(
+        "submit", "--app-id", "app-b", "--server", api.base, SAE_ROLLBACK_TOKEN=BOT_TOKEN
+    )
+    command = env.out.splitlines()[1].removeprefix("follow it with: ")
+    assert "--token" not in command
+    shown = await cli(*command.split()[1:], SAE_ROLLBACK_TOKEN=BOT_TOKEN)
+    assert shown.code == 0, shown.err
+
+
+async def test_logging_options_go_before_or_after_the_command(api: Api) -> None:
+    """`--log-format` is accepted on either side of the subcommand."""
+    for args in (
+        ("--log-format", "json", "list", "--server", api.base, "--token", BOT_TOKEN),
+        ("list", "--log-format", "json", "--server", api.base, "--token", BOT_TOKEN),
+        ("--log-format", "console", "list", "--log-format", "json", "--server", api.base),
+    ):
+        ran = await cli(*args, SAE_ROLLBACK_TOKEN=BOT_TOKEN)
+        assert ran.code == 0, (args, ran.err)
+    bad = await cli("list", "--log-format", "xml")
+    assert bad.code == 2
+
+
 async def test_api_client_round_trip_and_errors(api: Api) -> None:
     """The client submits, reads, lists and cancels, and turns refusals into ApiClientError."""
     async with ApiClient(api.base, BOT_TOKEN) as client:

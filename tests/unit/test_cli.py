@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from orchestrator.cli import EXIT_USAGE, main
+from orchestrator.cli import EXIT_USAGE, _build_parser, main
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +56,21 @@ def test_config_from_environment(
     monkeypatch.setenv("SAE_ROLLBACK_CONFIG", str(cfg))
     assert main(["migrate"]) == EXIT_USAGE
     assert "port must be 1-65535" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["list"], ("auto", "info")),
+        (["--log-format", "console", "list"], ("console", "info")),
+        (["list", "--log-format", "json", "--log-level", "debug"], ("json", "debug")),
+        (["--log-format", "console", "worker", "--log-format", "json"], ("json", "info")),
+        (["--log-level", "warning", "simulate"], ("auto", "warning")),
+    ],
+)
+def test_logging_options_on_either_side_of_the_command(
+    argv: list[str], expected: tuple[str, str]
+) -> None:
+    """After the subcommand they override the ones before it; omitted, the top level's stay."""
+    args = _build_parser().parse_args(argv)
+    assert (args.log_format, args.log_level) == expected
