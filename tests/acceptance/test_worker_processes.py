@@ -182,6 +182,14 @@ async def simulator() -> AsyncIterator[SimulatorServer]:
         yield sim
 
 
+async def wait_for_aborts(sim: SimulatorServer, count: int = 1, timeout_s: float = 20) -> None:
+    """Until ``count`` abort calls have arrived at the simulator (fails on timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while sum(1 for c in sim.state.calls if c.action == ABORT) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} abort call(s) arrived"
+        await asyncio.sleep(0.02)
+
+
 def accepted(sim: SimulatorServer, change_order_id: str) -> int:
     """Aborts of ``change_order_id`` that took effect."""
     return sum(
@@ -207,10 +215,7 @@ async def test_sigkill_mid_call_another_worker_finishes_once(
     try:
         job_id = await enqueue(store, order)
         first = await start_worker(config, tmp_path, "first")
-        deadline = time.monotonic() + 20
-        while not any(c.action == ABORT for c in simulator.state.calls):
-            assert time.monotonic() < deadline, "no abort call arrived"
-            await asyncio.sleep(0.02)
+        await wait_for_aborts(simulator)
         first.proc.send_signal(signal.SIGKILL)
         assert await first.proc.wait() == -signal.SIGKILL
         second = await start_worker(config, tmp_path, "second")
@@ -250,10 +255,7 @@ async def test_sigterm_drains_in_flight_jobs_and_exits_zero(
     try:
         ids = [await enqueue(store, order) for order in orders]
         worker = await start_worker(config, tmp_path, "term")
-        deadline = time.monotonic() + 20
-        while sum(1 for c in simulator.state.calls if c.action == ABORT) < 3:
-            assert time.monotonic() < deadline, "aborts did not start"
-            await asyncio.sleep(0.02)
+        await wait_for_aborts(simulator, 3)
         signalled = time.monotonic()
         worker.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(worker.proc.wait(), grace_s + 5)
@@ -288,10 +290,7 @@ async def test_second_sigterm_stops_at_once_and_says_so(
     try:
         await enqueue(store, order)
         worker = await start_worker(config, tmp_path, "impatient")
-        deadline = time.monotonic() + 20
-        while not any(c.action == ABORT for c in simulator.state.calls):
-            assert time.monotonic() < deadline, "the abort did not start"
-            await asyncio.sleep(0.02)
+        await wait_for_aborts(simulator)
         worker.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         assert worker.proc.returncode is None  # draining: waiting for the call
