@@ -1,8 +1,8 @@
 """The operations endpoints every process serves: ``/metrics``, ``/healthz``, ``/readyz``.
 
 The intake app mounts them beside its API; ``sae-rollback worker`` serves them alone
-(:func:`build_ops_app`), because Prometheus must scrape its SAE and job metrics (they live
-only in worker processes) and Kubernetes must probe it. One definition, so one scrape
+(:func:`build_ops_app`), because Prometheus must scrape its SAE call and job metrics (they
+live only in worker processes) and Kubernetes must probe it. One definition, so one scrape
 config and one probe spec fit every process.
 
 The store-wide gauges (``sae_rollback_jobs``, ``sae_rollback_oldest_queued_age_seconds``)
@@ -83,10 +83,11 @@ class _JsonErrorRequestHandler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status >= 500:
-            log.error("http_internal_error", error=repr(exc) if exc else message)
-            code, text = "internal", "internal error; the request was not processed"
+            log.error("http_internal_error", message=message, exc_info=exc)
+            code, text = "internal", "internal error"
         else:
-            log.warning("http_malformed_request", status=status, reason=type(exc).__name__)
+            reason = type(exc).__name__ if exc is not None else message
+            log.warning("http_malformed_request", status=status, reason=reason)
             code = "malformed_request"
             text = "the request is not valid HTTP or exceeds a size limit (line, header)"
         if request.writer.output_size > 0:
