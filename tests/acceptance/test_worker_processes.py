@@ -367,6 +367,66 @@ async def test_two_workers_on_postgres_never_run_one_app_twice(
             await store.close()
 
 
+@pytest.mark.postgres
+async def test_two_workers_on_postgres_share_one_call_budget(tmp_path: Path) -> None:
+    """Two worker processes, each configured with the account's 120 calls/min, against a
+    simulator that throttles above 120/min like SAE: not one Throttling.User, both did
+    work, and the run took as long as ONE budget requires (two budgets would halve it)."""
+    from orchestrator.worker.budget import bucket_shape
+
+    dsn = pg_dsn_or_skip()
+    per_minute = 120
+    jobs_n = 20
+    async with (
+        SimulatorServer(
+            credentials={ACCESS_KEY_ID: ACCESS_KEY_SECRET}, seed=12, calls_per_minute=per_minute
+        ) as sim,
+        pg_schema(dsn) as schema,
+    ):
+        store_url = f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+        configs = []
+        for n in range(2):
+            path = write_config(tmp_path, store_url, sim.endpoint, verify=False, name=f"b{n}")
+            text = path.read_text().replace(
+                "calls_per_minute = 0", f"calls_per_minute = {per_minute}"
+            )
+            path.write_text(text)
+            configs.append(path)
+        await migrate(configs[0], tmp_path)
+        orders = [
+            sim.state.create_change_order(f"budget-app-{i}").change_order_id for i in range(jobs_n)
+        ]
+        store = open_store(store_url)
+        await store.open()
+        workers = []
+        try:
+            workers = [await start_worker(configs[n], tmp_path, f"b{n}") for n in range(2)]
+            started = time.monotonic()
+            ids = [await enqueue(store, order) for order in orders]
+            jobs = await wait_terminal(store, ids, timeout_s=90)
+            elapsed = time.monotonic() - started
+            assert {str(j.status) for j in jobs.values()} == {"succeeded"}
+            owners = {owner for job_id in ids for _, _, owner in await _runs(store, job_id)}
+            assert len(owners) == 2, owners  # both processes did work
+        finally:
+            for worker in workers:
+                if worker.proc.returncode is None:
+                    worker.proc.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    assert await asyncio.wait_for(worker.proc.wait(), 15) == 0
+                finally:
+                    await worker.stop()
+            await store.close()
+        calls = list(sim.state.calls)
+    assert sum(1 for c in calls if c.code == "Throttling.User") == 0
+    assert len(calls) == 2 * jobs_n  # pre-check + abort each, no retries needed
+    rate, burst = bucket_shape(per_minute)
+    required = (len(calls) - burst) * 60.0 / rate
+    assert elapsed >= 0.9 * required, (elapsed, required)
+    assert elapsed <= 1.3 * required + 5, (elapsed, required)
+
+
 async def test_api_alone_reports_the_queue_while_no_worker_runs(
     tmp_path: Path, simulator: SimulatorServer
 ) -> None:
