@@ -254,6 +254,8 @@ async def _run_worker(
         lease_s=settings.worker.lease_s,
         max_attempts=settings.worker.max_attempts,
         drain_grace_s=settings.worker.drain_grace_s,
+        breaker_failures=settings.worker.breaker_failures,
+        breaker_open_s=settings.worker.breaker_open_s,
         retry_initial_s=settings.retry.initial_s,
         retry_max_interval_s=settings.retry.max_interval_s,
         retry_max_elapsed_s=settings.retry.max_elapsed_s,

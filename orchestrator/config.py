@@ -89,6 +89,8 @@ class WorkerSettings:
     lease_s: float = 30.0
     max_attempts: int = 10
     drain_grace_s: float = 20.0
+    breaker_failures: int = 5
+    breaker_open_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +405,9 @@ def _validate(s: Settings) -> None:
     positive(s.worker.lease_s, "[worker] lease_s")
     positive(s.worker.max_attempts, "[worker] max_attempts")
     positive(s.worker.drain_grace_s, "[worker] drain_grace_s")
+    if s.worker.breaker_failures < 0:
+        raise ConfigError("[worker] breaker_failures must be >= 0 (0 = no circuit breaker)")
+    positive(s.worker.breaker_open_s, "[worker] breaker_open_s")
     if s.worker.lease_s <= s.sae.read_timeout_s + s.sae.connect_timeout_s:
         raise ConfigError(
             "[worker] lease_s must exceed [sae] connect_timeout_s + read_timeout_s, "

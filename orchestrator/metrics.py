@@ -42,7 +42,7 @@ INTAKE_OUTCOMES: Final = (
     "invalid",
     "overloaded",
 )
-RETRY_REASONS: Final = ("busy", "throttled", "server", "transport")
+RETRY_REASONS: Final = ("busy", "throttled", "server", "transport", "circuit_open")
 FINAL_STATUSES: Final = ("succeeded", "failed", "cancelled", "skipped")
 JOB_STATUSES: Final = ("queued", "running", "waiting", "verifying", *FINAL_STATUSES)
 
@@ -82,11 +82,16 @@ class Metrics:
         )
         self.retries = Counter(
             f"{PREFIX}retries",
-            "Retries scheduled, by reason (busy, throttled, server, transport).",
+            "Retries scheduled, by reason (busy, throttled, server, transport, circuit_open).",
             ["reason"],
             registry=r,
         )
         self.jobs = Gauge(f"{PREFIX}jobs", "Jobs in the store by status.", ["status"], registry=r)
+        self.circuit_open = Gauge(
+            f"{PREFIX}circuit_open",
+            "1 while this worker's circuit breaker holds SAE calls back (SAE keeps failing).",
+            registry=r,
+        )
         self.oldest_queued_age = Gauge(
             f"{PREFIX}oldest_queued_age_seconds",
             "Age of the oldest job waiting to be claimed (0 when none).",

@@ -84,6 +84,7 @@ from orchestrator.sae.models import (
     ChangeOrderStatus,
 )
 from orchestrator.store.base import AppBusy, DuplicateTarget, Store
+from orchestrator.worker.breaker import CircuitBreaker, CircuitOpen, Permit
 from orchestrator.worker.budget import CallBudget, Priority
 from orchestrator.worker.retry import RetryPolicy, is_retryable, retry_reason
 
@@ -113,6 +114,8 @@ RESOLVE_PAGE_SIZE: Final = 20
 THROTTLE_PAUSE_S: Final = 1.0
 #: ``error_code`` of a run that ended in an unexpected exception.
 INTERNAL_ERROR: Final = "internal_error"
+#: ``error_code`` (and retry reason) of a job put back because the circuit breaker is open.
+CIRCUIT_OPEN: Final = "circuit_open"
 
 log = get_logger("orchestrator.worker")
 
@@ -175,6 +178,8 @@ class FlowDeps:
     monotonic: Callable[[], float]
     #: Bounds the SAE calls in flight across the worker's runs (``None``: unbounded).
     call_slots: asyncio.Semaphore | None = None
+    #: Stops all calls while SAE keeps failing (``None``: never).
+    breaker: CircuitBreaker | None = None
 
 
 def _status_text(status: int | None) -> str:
@@ -231,6 +236,8 @@ class JobRun:
                 return await self._run()
             except Drained:
                 return await self._release(reconcile=self.maybe_accepted, why="drain")
+            except CircuitOpen as exc:
+                return await self._wait_for_circuit(exc)
             except LeaseLost as exc:
                 self._log.warning("lease_lost", error=str(exc))
                 return RunResult.LOST
@@ -463,6 +470,11 @@ class JobRun:
                     lambda: self.d.client.describe_change_order(change_order_id),
                     priority=Priority.POLL,
                 )
+            except CircuitOpen as exc:
+                # The abort is done; keep the job (and its lease) and poll once SAE is back.
+                pause = max(pause, exc.wait_s)
+                last = "not polled: SAE calls paused by the circuit breaker"
+                continue
             except SaePermanentError as exc:
                 return await self._finish(JobStatus.FAILED, exc.code, self._message(exc))
             except SaeCallError as exc:
@@ -520,9 +532,24 @@ class JobRun:
         *,
         priority: Priority | None = None,
     ) -> T:
-        """Spend a budget token, make the call, record it as an attempt; raise its failure."""
+        """Spend a budget token, make the call, record it as an attempt; raise its failure.
+
+        Raises :class:`CircuitOpen` before spending anything while the breaker is open.
+        """
         if priority is None:
             priority = Priority.FIRST if self._first_run else Priority.RETRY
+        breaker = self.d.breaker
+        if breaker is None:
+            return await self._budgeted_call(call, priority, None)
+        permit = breaker.permit()
+        try:
+            return await self._budgeted_call(call, priority, permit)
+        finally:
+            permit.abandon()  # no-op once the call reported its outcome
+
+    async def _budgeted_call(
+        self, call: Callable[[], Awaitable[T]], priority: Priority, permit: Permit | None
+    ) -> T:
         if self.d.budget.limited:
             await self._until_drained(functools.partial(self.d.budget.acquire, priority))
         else:
@@ -539,12 +566,12 @@ class JobRun:
             # Waiting for a slot may have outlasted the start of a drain: no call starts then.
             if self.d.draining.is_set():
                 raise Drained
-            return await self._make_call(call)
+            return await self._make_call(call, permit)
         finally:
             if slots is not None:
                 slots.release()
 
-    async def _make_call(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _make_call(self, call: Callable[[], Awaitable[T]], permit: Permit | None) -> T:
         """The call itself (a slot held): timing, the in-call mark, the attempt kept."""
         if self._first_run and self.calls_this_run == 0:
             waited = (self.d.wall_clock() - self.job.created_at).total_seconds()
@@ -558,12 +585,16 @@ class JobRun:
             result = await call()
         except SaeCallError as exc:
             self.in_call = False
+            if permit is not None:
+                permit.done(exc)
             outcome = AttemptOutcome.RETRY if is_retryable(exc) else AttemptOutcome.FAILED
             self._record(exc.outcome, outcome)
             if isinstance(exc, SaeThrottled):
                 self.d.budget.pause(exc.retry_after_s or THROTTLE_PAUSE_S)
             raise
         self.in_call = False
+        if permit is not None:
+            permit.done(None)
         self._record(_outcome_of(result), AttemptOutcome.SUCCESS)
         return result
 
@@ -670,10 +701,13 @@ class JobRun:
         )
         return RunResult.RETRY
 
-    async def _retry_later(self, code: str, message: str) -> RunResult:
-        """A store-side wait (the app is held by another of our jobs): no SAE call failed."""
-        self.d.metrics.retries.labels(reason="busy").inc()
-        delay = self.d.policy.initial_s
+    async def _retry_later(
+        self, code: str, message: str, *, delay_s: float | None = None, reason: str = "busy"
+    ) -> RunResult:
+        """A store-side wait with no failed SAE call behind it: the app is held by another
+        of our jobs (``busy``), or the circuit breaker holds every call back."""
+        delay = self.d.policy.initial_s if delay_s is None else delay_s
+        self.d.metrics.retries.labels(reason=reason).inc()
         self.settling = True
         attempt = self._take_attempt()
         await self._write(
@@ -687,8 +721,25 @@ class JobRun:
                 attempt=attempt,
             )
         )
-        self._log.info("job_retry_scheduled", reason="busy", code=code, delay_s=delay)
+        self._log.info("job_retry_scheduled", reason=reason, code=code, delay_s=round(delay, 3))
         return RunResult.RETRY
+
+    async def _wait_for_circuit(self, exc: CircuitOpen) -> RunResult:
+        """No call was made (the breaker is open): wait as ``circuit_open``, or give up when
+        the wait would end past the retry budget (counted from the first call, or from the
+        job's creation if the breaker kept it from making any)."""
+        first = self._first_call_at or self.job.created_at
+        elapsed = max(0.0, (self.d.wall_clock() - first).total_seconds())
+        if elapsed + exc.wait_s > self.d.policy.max_elapsed_s:
+            unknown = " (the last abort's outcome is unknown)" if self.maybe_accepted else ""
+            return await self._finish(
+                JobStatus.FAILED,
+                "retry_budget_exhausted",
+                f"gave up after {elapsed:.0f} s{unknown}: {exc}",
+            )
+        return await self._retry_later(
+            CIRCUIT_OPEN, str(exc), delay_s=exc.wait_s, reason=CIRCUIT_OPEN
+        )
 
     # -- endings ------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from orchestrator.logging import get_logger
 from orchestrator.metrics import Metrics
 from orchestrator.ops import refresh_job_gauges
 from orchestrator.store.base import Store
+from orchestrator.worker.breaker import BreakerState, CircuitBreaker
 from orchestrator.worker.budget import CallBudget, make_budget
 from orchestrator.worker.retry import RetryPolicy
 from orchestrator.worker.rollback import FlowDeps, JobRun, RunResult, SaeApi
@@ -60,6 +61,8 @@ _STORE_BACKOFF_S: Final = (0.1, 5.0)
 _DRAIN_MARGIN_MAX_S: Final = 2.0
 #: How often the store's housekeeping (planner statistics) runs.
 MAINTAIN_INTERVAL_S: Final = 60.0
+#: The breaker's longest open period, as a multiple of ``breaker_open_s``.
+BREAKER_MAX_FACTOR: Final = 12.0
 
 
 class WorkerCrashed(RollbackError):
@@ -97,6 +100,10 @@ class WorkerConfig:
     prune_interval_s: float = 3600.0
     #: Longest idle sleep before claiming again anyway (wake-ups usually come sooner).
     idle_poll_s: float = 5.0
+    #: Failing SAE calls in a row (5xx, no answer) that open the circuit breaker; 0 = off.
+    breaker_failures: int = 5
+    #: How long the breaker stays open before one probe call (doubling, up to 12 times this).
+    breaker_open_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.owner:
@@ -127,6 +134,8 @@ class WorkerConfig:
             raise ValueError(f"rescue_interval_s must be > 0, got {self.rescue_interval_s}")
         if self.calls_per_minute < 0:
             raise ValueError("calls_per_minute must be >= 0 (0 = no budget)")
+        if self.breaker_failures < 0 or not self.breaker_open_s > 0:
+            raise ValueError("need breaker_failures >= 0 (0 = off) and breaker_open_s > 0")
 
     @property
     def job_limit(self) -> int:
@@ -176,6 +185,13 @@ class Worker:
             calls_per_minute=config.calls_per_minute,
         )
         self.budget = budget if budget is not None else make_budget(store, config.calls_per_minute)
+        self.breaker = CircuitBreaker(
+            threshold=config.breaker_failures,
+            open_s=config.breaker_open_s,
+            max_open_s=config.breaker_open_s * BREAKER_MAX_FACTOR,
+            clock=monotonic,
+            on_change=lambda state: metrics.circuit_open.set(state is not BreakerState.CLOSED),
+        )
         self._wall_clock = wall_clock or _utc_now
         self._monotonic = monotonic
         self._jobs: dict[str, _InFlight] = {}
@@ -359,6 +375,7 @@ class Worker:
             wall_clock=self._wall_clock,
             monotonic=self._monotonic,
             call_slots=self._call_slots,
+            breaker=self.breaker,
         )
 
     # -- stopping ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ state, its recorded attempts, and the simulator's own call log (``/_sim/calls``)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -139,6 +140,44 @@ async def test_credential_source_outage_is_retried_not_failed(
     assert codes == [(DESCRIBE, "InvalidCredentials", AttemptOutcome.RETRY)] * 2
     assert all(a.request_id is None for a in job.attempts[:2])  # never sent
     assert await accepted_aborts(sim_control, order) == 1
+
+
+async def test_sae_outage_opens_the_breaker_and_jobs_wait_without_calling(
+    store: Store, client: SaeClient, sim_control: SimControl
+) -> None:
+    """SAE answers 503 to everything: after 3 failures in a row the worker stops calling
+    (jobs wait as circuit_open, their retry budget untouched by doomed calls), probes now and
+    then, and once SAE is back every job finishes with one accepted abort each."""
+    orders = [
+        await sim_control.create_change_order(f"app-outage-{i}", rollback_s=0.1) for i in range(4)
+    ]
+    await sim_control.add_fault(http_status=503, count=100_000)
+    metrics = new_metrics()
+    worker = Worker(
+        store,
+        client,
+        metrics,
+        config(breaker_failures=3, breaker_open_s=0.4, retry_max_elapsed_s=60.0),
+    )
+    ids = [await enqueue(store, change_order_id=order) for order in orders]
+    async with running(worker):
+        await asyncio.sleep(2.5)
+        during = len(await sim_control.calls())
+        assert sample(metrics, "sae_rollback_circuit_open") == 1
+        waiting = [await store.get(job_id) for job_id in ids]
+        assert {j.status for j in waiting} <= {JobStatus.WAITING, JobStatus.RUNNING}
+        assert any(j.error_code == "circuit_open" for j in waiting)
+        await sim_control.clear_faults()
+        jobs = await wait_terminal(store, ids, timeout_s=30)
+    # Without the breaker, four jobs retrying every 0.05-0.3 s would have made dozens of
+    # calls in 2.5 s; with it: the 3 that opened it, the calls already on the wire, and a
+    # probe after 0.4, 0.8 (doubled), ... seconds.
+    assert during <= 12, during
+    assert {j.status for j in jobs.values()} == {JobStatus.SUCCEEDED}
+    for order in orders:
+        assert await accepted_aborts(sim_control, order) == 1
+    assert sample(metrics, "sae_rollback_circuit_open") == 0
+    assert sample(metrics, "sae_rollback_retries_total", {"reason": "circuit_open"}) > 0
 
 
 async def test_three_503s_are_retried_with_reconcile(

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from orchestrator.jobs import AttemptOutcome, Claimed, Job, JobStatus, NewJob
 from orchestrator.metrics import Metrics
 from orchestrator.store import Store
+from orchestrator.worker.breaker import CircuitBreaker
 from orchestrator.worker.budget import CallBudget, LocalTokens, Priority
 from orchestrator.worker.retry import RetryPolicy
 from orchestrator.worker.rollback import FlowDeps, JobRun, RunResult
@@ -534,3 +535,56 @@ async def test_verification_polls_are_on_record_before_each_pause(rig: Rig) -> N
     # the abort came with "verifying", the last (terminal) poll with "succeeded"
     assert len(job.attempts) == len(separate) + 2
     assert job.attempts[-1].action == DESCRIBE
+
+
+async def test_open_breaker_puts_the_job_back_without_calling(rig: Rig) -> None:
+    """SAE failing opened the breaker: the next run calls nothing and waits as circuit_open,
+    due when the breaker will let a probe through."""
+    rig.settings["breaker"] = CircuitBreaker(threshold=1, open_s=30.0)
+    rig.sae.then(DESCRIBE, server_error(DESCRIBE))
+    job_id = await rig.enqueue(change_order_id="co-1")
+    result, job = await rig.run()
+    assert (result, job.error_code) == (RunResult.RETRY, "ServiceUnavailable")
+    await asyncio.sleep(0.1)  # the 5xx retry comes due
+    before = datetime.now(UTC)
+    result, job = await rig.run()
+    assert result is RunResult.RETRY
+    assert job.status is JobStatus.WAITING
+    assert job.error_code == "circuit_open"
+    assert "paused after 1 failures in a row" in (job.error_message or "")
+    assert job.next_attempt_at is not None
+    assert 25 < (job.next_attempt_at - before).total_seconds() <= 30
+    assert rig.sae.count(DESCRIBE) == 1  # the second run made no call
+    assert len(job.attempts) == 1
+    assert sample(rig.metrics, "sae_rollback_retries_total", {"reason": "circuit_open"}) == 1
+    assert job.id == job_id
+
+
+async def test_open_breaker_past_the_retry_budget_fails_the_job(rig: Rig) -> None:
+    """A breaker that stays open longer than the job's retry budget ends it, with the reason."""
+    rig.settings["breaker"] = breaker = CircuitBreaker(threshold=1, open_s=120.0)
+    breaker.permit().done(server_error())
+    await rig.enqueue(change_order_id="co-1")
+    result, job = await rig.run()  # max_elapsed_s is 60
+    assert result is RunResult.FAILED
+    assert job.error_code == "retry_budget_exhausted"
+    assert "SAE calls are paused" in (job.error_message or "")
+    assert rig.sae.count(DESCRIBE) == 0
+
+
+async def test_verification_waits_out_an_open_breaker_in_place(rig: Rig) -> None:
+    """The abort is accepted; polls fail until the breaker opens; the job keeps its lease,
+    waits, probes, and succeeds (no second abort)."""
+    rig.settings["breaker"] = CircuitBreaker(threshold=2, open_s=0.2)
+    rig.sae.then(DESCRIBE, None, server_error(DESCRIBE), server_error(DESCRIBE))
+    await rig.enqueue(change_order_id="co-1")
+    result, job = await rig.run()
+    assert result is RunResult.SUCCEEDED
+    assert rig.sae.count(ABORT) == 1
+    assert [(a.action, a.outcome) for a in job.attempts] == [
+        (DESCRIBE, AttemptOutcome.SUCCESS),
+        (ABORT, AttemptOutcome.SUCCESS),
+        (DESCRIBE, AttemptOutcome.RETRY),
+        (DESCRIBE, AttemptOutcome.RETRY),
+        (DESCRIBE, AttemptOutcome.SUCCESS),
+    ]
