@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -271,6 +272,46 @@ async def test_postgres_down_is_store_unavailable_and_the_pool_recovers(cluster:
                 failures += 1
         assert failures <= 1
         assert (await store.get(job.id)).status is JobStatus.QUEUED  # committed = kept
+    finally:
+        await store.close()
+
+
+def _cluster_pids(cluster: Cluster) -> list[int]:
+    """The postmaster and every server process under it."""
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return [postmaster, *(int(pid) for pid in children)]
+
+
+@pytest.mark.postgres
+async def test_a_frozen_postgres_times_out_instead_of_hanging(cluster: Cluster) -> None:
+    """Every server process stopped (a network black hole: no RST, no answer): calls end in
+    StoreUnavailable within the command timeout instead of hanging; once the server
+    resumes, the store works again and nothing committed is lost."""
+    store = open_store(cluster.dsn, command_timeout_s=2, connect_timeout_s=2, schema="frozen")
+    await _admin(cluster.dsn, "DROP SCHEMA IF EXISTS frozen CASCADE; CREATE SCHEMA frozen")
+    await store.open(migrate=True)
+    pids: list[int] = []
+    try:
+        job = (await store.enqueue(NewJob(region="r", source="api", change_order_id="c"))).job
+        pids = _cluster_pids(cluster)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for call in (store.get(job.id), store.claim("w", 30, 1)):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(call, 20)  # the store's own timeout must fire first
+            assert time.monotonic() - started < 10
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    try:
+        assert (await _retry_until_ok(lambda: store.get(job.id))).status is JobStatus.QUEUED
+        claimed = await _retry_until_ok(lambda: store.claim("w", 30, 1))
+        assert [c.job.id for c in claimed] == [job.id]
     finally:
         await store.close()
 
