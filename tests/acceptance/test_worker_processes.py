@@ -155,6 +155,18 @@ async def start_worker(config: Path, tmp_path: Path, name: str) -> WorkerProcess
     return worker
 
 
+async def terminate_all(workers: list[WorkerProcess]) -> None:
+    """SIGTERM every worker still running; each must exit 0 within 15 s (killed if not)."""
+    for worker in workers:
+        if worker.proc.returncode is None:
+            worker.proc.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            assert await asyncio.wait_for(worker.proc.wait(), 15) == 0
+        finally:
+            await worker.stop()
+
+
 async def wait_terminal(store: Store, ids: list[str], timeout_s: float) -> dict[str, Job]:
     """Until every job is terminal (fails on timeout)."""
     deadline = time.monotonic() + timeout_s
@@ -356,14 +368,7 @@ async def test_two_workers_on_postgres_never_run_one_app_twice(
                     assert j1 == j2 or not overlap, f"app {app}: runs of {j1} and {j2} overlap"
             assert len(owners) == 2, owners  # both processes did work
         finally:
-            for worker in workers:
-                if worker.proc.returncode is None:
-                    worker.proc.send_signal(signal.SIGTERM)
-            for worker in workers:
-                try:
-                    assert await asyncio.wait_for(worker.proc.wait(), 15) == 0
-                finally:
-                    await worker.stop()
+            await terminate_all(workers)
             await store.close()
 
 
@@ -409,14 +414,7 @@ async def test_two_workers_on_postgres_share_one_call_budget(tmp_path: Path) -> 
             owners = {owner for job_id in ids for _, _, owner in await _runs(store, job_id)}
             assert len(owners) == 2, owners  # both processes did work
         finally:
-            for worker in workers:
-                if worker.proc.returncode is None:
-                    worker.proc.send_signal(signal.SIGTERM)
-            for worker in workers:
-                try:
-                    assert await asyncio.wait_for(worker.proc.wait(), 15) == 0
-                finally:
-                    await worker.stop()
+            await terminate_all(workers)
             await store.close()
         calls = list(sim.state.calls)
     assert sum(1 for c in calls if c.code == "Throttling.User") == 0
