@@ -170,8 +170,12 @@ WITH candidates AS (
     FROM picked WHERE j.id = picked.id
     RETURNING {_prefixed(JOB_COLUMNS, "j")}, picked.due
 ), audited AS (
+    -- clock_timestamp(), not now(): now() is when this statement's transaction began, which
+    -- can precede the commit of the write that freed the app (a backend descheduled between
+    -- Bind and Execute), so the trail would show this claim before the other job's end.
+    -- Read during execution, it is after our snapshot and so after that commit.
     INSERT INTO audit_events (job_id, at, event, actor, detail)
-    SELECT id, now(), 'claimed', $1,
+    SELECT id, clock_timestamp(), 'claimed', $1,
            jsonb_build_object('attempt', attempt_count,
                               'lease_expires_at', {_rfc3339("lease_expires_at")})
     FROM claimed

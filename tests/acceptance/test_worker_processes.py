@@ -365,7 +365,9 @@ async def test_two_workers_on_postgres_never_run_one_app_twice(
             for app, spans in runs.items():
                 for (s1, e1, j1, _), (s2, e2, j2, _) in itertools.combinations(spans, 2):
                     overlap = s1 < e2 and s2 < e1
-                    assert j1 == j2 or not overlap, f"app {app}: runs of {j1} and {j2} overlap"
+                    assert j1 == j2 or not overlap, (
+                        f"app {app}: runs of {j1} and {j2} overlap: {spans}"
+                    )
             assert len(owners) == 2, owners  # both processes did work
         finally:
             await terminate_all(workers)
