@@ -144,7 +144,8 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
     # Libraries log through the standard library (aiohttp's server and client, asyncpg, the
     # Alibaba credentials chain). Route them through the same processors: one line per
     # record in the same format, and the same redaction: an aiohttp error may quote a header.
-    # They are chatty at INFO, so below WARNING only when debugging.
+    # They are chatty at INFO, so below WARNING only when debugging; --log-level error
+    # silences their warnings too.
     handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -168,7 +169,7 @@ def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
             root.removeHandler(existing)
     setattr(handler, _OURS, True)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if level_no <= logging.DEBUG else logging.WARNING)
+    root.setLevel(level_no if level_no <= logging.DEBUG else max(level_no, logging.WARNING))
 
 
 # Marks the root handler configure_logging installed, so a second call replaces it.

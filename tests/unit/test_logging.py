@@ -14,9 +14,16 @@ CANARY = "CANARY-s3cr3t-7f3a9b"
 
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    # configure_logging also installs a root handler and level: leave none behind.
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.mark.parametrize("json", [True, False])
@@ -105,3 +112,25 @@ def test_library_logs_take_the_same_path_and_are_redacted(
     else:
         assert "aiohttp.server" in err
         assert "Error handling request from 127.0.0.1" in err
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [
+        ("debug", {"debug", "info", "warning", "error"}),
+        ("info", {"warning", "error"}),
+        ("error", {"error"}),
+    ],
+)
+def test_library_records_follow_the_level_but_stay_quiet_below_warning(
+    level: str, shown: set[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Library INFO is noise unless debugging; --log-level error hides their warnings too."""
+    import logging
+
+    configure_logging(json=True, level=level)
+    library = logging.getLogger("asyncpg.pool")
+    for name in ("debug", "info", "warning", "error"):
+        getattr(library, name)(f"record-{name}")
+    err = capsys.readouterr().err
+    assert {n for n in ("debug", "info", "warning", "error") if f"record-{n}" in err} == shown
