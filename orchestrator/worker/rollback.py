@@ -676,18 +676,8 @@ class JobRun:
                 f"last answer: {exc.code}: {self._message(exc)}",
             )
         self.d.metrics.retries.labels(reason=str(reason)).inc()
-        self.settling = True
-        attempt = self._take_attempt()
-        job = await self._write(
-            lambda: self.d.store.schedule_retry(
-                self.job.id,
-                self.token,
-                delay_s=decision.delay_s,
-                error_code=exc.code,
-                error_message=self._message(exc),
-                reconcile=self.maybe_accepted,
-                attempt=attempt,
-            )
+        job = await self._schedule(
+            decision.delay_s, exc.code, self._message(exc), reconcile=self.maybe_accepted
         )
         self._log.info(
             "job_retry_scheduled",
@@ -708,21 +698,27 @@ class JobRun:
         of our jobs (``busy``), or the circuit breaker holds every call back."""
         delay = self.d.policy.initial_s if delay_s is None else delay_s
         self.d.metrics.retries.labels(reason=reason).inc()
+        await self._schedule(delay, code, message, reconcile=self.maybe_accepted)
+        self._log.info("job_retry_scheduled", reason=reason, code=code, delay_s=round(delay, 3))
+        return RunResult.RETRY
+
+    async def _schedule(
+        self, delay_s: float, code: str | None, message: str, *, reconcile: bool
+    ) -> Job:
+        """End this run as ``waiting`` for ``delay_s``; the last call's row goes with it."""
         self.settling = True
         attempt = self._take_attempt()
-        await self._write(
+        return await self._write(
             lambda: self.d.store.schedule_retry(
                 self.job.id,
                 self.token,
-                delay_s=delay,
+                delay_s=delay_s,
                 error_code=code,
                 error_message=message,
-                reconcile=self.maybe_accepted,
+                reconcile=reconcile,
                 attempt=attempt,
             )
         )
-        self._log.info("job_retry_scheduled", reason=reason, code=code, delay_s=round(delay, 3))
-        return RunResult.RETRY
 
     async def _wait_for_circuit(self, exc: CircuitOpen) -> RunResult:
         """No call was made (the breaker is open): wait as ``circuit_open``, or give up when
@@ -793,19 +789,7 @@ class JobRun:
                 self.d.policy.max_interval_s,
                 self.d.policy.initial_s * 2 ** min(crashes, 16),
             )
-            self.settling = True
-            attempt = self._take_attempt()
-            await self._write(
-                lambda: self.d.store.schedule_retry(
-                    self.job.id,
-                    self.token,
-                    delay_s=delay,
-                    error_code=INTERNAL_ERROR,
-                    error_message=message,
-                    reconcile=True,
-                    attempt=attempt,
-                )
-            )
+            await self._schedule(delay, INTERNAL_ERROR, message, reconcile=True)
         except Exception:
             # Lease expiry and rescue take over; the job is not lost.
             self._log.exception("job_abandoned")
